@@ -1,0 +1,71 @@
+// Declarations of every xverse op implementation. Schemas (the contract) live in torch_bindings.cpp;
+// the pure-PyTorch twin of each op, the readable reference, lives in xverse_engine/ops/.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace xverse {
+
+// ---- MoE -------------------------------------------------------------------------------------------
+// hidden [T, H] (bf16/fp16/fp32), router_weight [E, H] fp32
+//   -> topk_weights [T, k] fp32 (renormalised: w / (sum w + 1e-6)), topk_ids [T, k] int32
+std::tuple<at::Tensor, at::Tensor> gating_topk_cpu(const at::Tensor& hidden, const at::Tensor& router_weight,
+                                                   int64_t top_k);
+// topk_ids [T, k] int32 -> sorted_pair_ids [max_blocks * block_m] int32 (pair p = t * k + j; pad = T * k),
+//   block_expert_ids [max_blocks] int32 (-1 past the end), num_padded [1] int32
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& topk_ids, int64_t num_experts,
+                                                             int64_t block_m);
+// x [T, H], w13 [E, 2I, H] (gate rows then up rows) -> act [T * k, I]: silu(x w_gate^T) * (x w_up^T)
+at::Tensor moe_gate_up_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& sorted_pair_ids,
+                           const at::Tensor& block_expert_ids, const at::Tensor& num_padded, int64_t top_k,
+                           int64_t block_m);
+// act [T * k, I], w2 [E, H, I], topk_weights [T, k] fp32, shared_out [T, H] or none
+//   -> out [T, H]: sum_j w[t, j] * act[t * k + j] w2_e^T (+ shared_out), fp32 sums in j order
+at::Tensor moe_down_combine_cpu(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& sorted_pair_ids,
+                                const at::Tensor& block_expert_ids, const at::Tensor& num_padded,
+                                const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_out,
+                                int64_t block_m);
+
+// ---- Paged attention ---------------------------------------------------------------------------------
+// Cache layout: [num_blocks, n_kv, block_size, D]; slot = block * block_size + offset.
+// key/value [T, n_kv, D]; slot_mapping [T] int64, negative = padding (skipped).
+void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping);
+// query [B, Hq, D]; block_tables [B, max_blocks] int32; context_lens [B] int32 -> out [B, Hq, D]
+at::Tensor paged_attention_decode_cpu(const at::Tensor& query, const at::Tensor& key_cache,
+                                      const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                      const at::Tensor& context_lens, double scale);
+// query [T, Hq, D] (varlen, sequences back to back); query_start_loc [B + 1] int32;
+// context_lens [B] int32 (cached + new tokens) -> out [T, Hq, D], causal over each sequence's context
+at::Tensor paged_attention_prefill_cpu(const at::Tensor& query, const at::Tensor& key_cache,
+                                       const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                       const at::Tensor& query_start_loc, const at::Tensor& context_lens,
+                                       double scale);
+
+#ifdef XVERSE_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> gating_topk_cuda(const at::Tensor& hidden, const at::Tensor& router_weight,
+                                                    int64_t top_k);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& topk_ids, int64_t num_experts,
+                                                              int64_t block_m);
+at::Tensor moe_gate_up_cuda(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& sorted_pair_ids,
+                            const at::Tensor& block_expert_ids, const at::Tensor& num_padded, int64_t top_k,
+                            int64_t block_m);
+at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& sorted_pair_ids,
+                                 const at::Tensor& block_expert_ids, const at::Tensor& num_padded,
+                                 const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_out,
+                                 int64_t block_m);
+void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
+at::Tensor paged_attention_decode_cuda(const at::Tensor& query, const at::Tensor& key_cache,
+                                       const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                       const at::Tensor& context_lens, double scale);
+at::Tensor paged_attention_prefill_cuda(const at::Tensor& query, const at::Tensor& key_cache,
+                                        const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                        const at::Tensor& query_start_loc, const at::Tensor& context_lens,
+                                        double scale);
+#endif
+
+}  // namespace xverse

@@ -1,0 +1,55 @@
+// The op contract: every schema of torch.ops.xverse, and which implementation serves which device.
+// Fake (meta) implementations for torch.compile / opcheck are registered in Python (xverse_engine/ops).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(xverse, m) {
+  // MoE (see ops.h for shapes)
+  m.def("gating_topk(Tensor hidden, Tensor router_weight, int top_k) -> (Tensor topk_weights, Tensor topk_ids)");
+  m.def("moe_align(Tensor topk_ids, int num_experts, int block_m) -> "
+        "(Tensor sorted_pair_ids, Tensor block_expert_ids, Tensor num_padded)");
+  m.def("moe_gate_up(Tensor x, Tensor w13, Tensor sorted_pair_ids, Tensor block_expert_ids, Tensor num_padded, "
+        "int top_k, int block_m) -> Tensor");
+  m.def("moe_down_combine(Tensor act, Tensor w2, Tensor sorted_pair_ids, Tensor block_expert_ids, "
+        "Tensor num_padded, Tensor topk_weights, Tensor? shared_out, int block_m) -> Tensor");
+  // Paged attention
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping) -> ()");
+  m.def("paged_attention_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_attention_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(xverse, CPU, m) {
+  m.impl("gating_topk", &xverse::gating_topk_cpu);
+  m.impl("moe_align", &xverse::moe_align_cpu);
+  m.impl("moe_gate_up", &xverse::moe_gate_up_cpu);
+  m.impl("moe_down_combine", &xverse::moe_down_combine_cpu);
+  m.impl("reshape_and_cache", &xverse::reshape_and_cache_cpu);
+  m.impl("paged_attention_decode", &xverse::paged_attention_decode_cpu);
+  m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cpu);
+}
+
+#ifdef XVERSE_WITH_CUDA
+TORCH_LIBRARY_IMPL(xverse, CUDA, m) {
+  m.impl("gating_topk", &xverse::gating_topk_cuda);
+  m.impl("moe_align", &xverse::moe_align_cuda);
+  m.impl("moe_gate_up", &xverse::moe_gate_up_cuda);
+  m.impl("moe_down_combine", &xverse::moe_down_combine_cuda);
+  m.impl("reshape_and_cache", &xverse::reshape_and_cache_cuda);
+  m.impl("paged_attention_decode", &xverse::paged_attention_decode_cuda);
+  m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cuda);
+}
+#endif
+
+// A Python module so that `import xverse_engine._C` loads the library and registers the ops above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+#ifdef XVERSE_WITH_CUDA
+  module.attr("built_with_cuda") = true;
+#else
+  module.attr("built_with_cuda") = false;
+#endif
+}

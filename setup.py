@@ -1,0 +1,75 @@
+"""Builds xverse_engine and its extension xverse_engine._C.
+
+CPU kernels are always built. CUDA kernels are built when torch is a CUDA build and nvcc is found
+(CUDA_HOME); set XVERSE_NO_CUDA=1 to skip them, XVERSE_CUDA_ARCH to change the target (default 90a),
+XVERSE_PTXAS_VERBOSE=1 to print the register / shared-memory report of every kernel.
+Install without build isolation so the extension is built against the torch you run:
+    pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import site
+import sysconfig
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def cuda_wheel_includes():
+    """Headers shipped by the nvidia-* wheels (cuBLAS etc.), needed when the toolkit lacks them."""
+    roots = site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_paths()["purelib"]]
+    found = []
+    for root in roots:
+        found += glob.glob(os.path.join(root, "nvidia", "cu*", "include"))
+        found += glob.glob(os.path.join(root, "nvidia", "cublas", "include"))
+    return sorted(set(found))
+
+
+def build_cuda():
+    if os.environ.get("XVERSE_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+cpu_sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/**/*_cpu.cpp", recursive=True))
+cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+cxx_flags = ["-O3", "-std=c++17"]
+
+if build_cuda():
+    arch = os.environ.get("XVERSE_CUDA_ARCH", "90a")
+    nvcc_flags = [
+        "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ]
+    if os.environ.get("XVERSE_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v")
+    extension = CUDAExtension(
+        "xverse_engine._C",
+        sources=cpu_sources + cuda_sources,
+        include_dirs=[os.path.abspath("csrc")] + cuda_wheel_includes(),
+        extra_compile_args={"cxx": cxx_flags + ["-DXVERSE_WITH_CUDA=1"], "nvcc": nvcc_flags},
+    )
+else:
+    extension = CppExtension(
+        "xverse_engine._C",
+        sources=cpu_sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+setup(
+    name="xverse_engine",
+    version="0.1.0",
+    description="A fast, readable inference engine for the XVERSE mixture-of-experts LLMs",
+    packages=find_packages(include=["xverse_engine", "xverse_engine.*"]),
+    package_data={"xverse_engine": ["assets/*/*", "assets/*.json"]},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
+    extras_require={"test": ["pytest>=7"], "bench": ["matplotlib"]},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
