@@ -67,7 +67,7 @@ setup(
     description="A fast, readable inference engine for the XVERSE mixture-of-experts LLMs",
     packages=find_packages(include=["xverse_engine", "xverse_engine.*"]),
     package_data={"xverse_engine": ["assets/*/*", "assets/*.json"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
     extras_require={"test": ["pytest>=7"], "bench": ["matplotlib"]},
     ext_modules=[extension],

@@ -39,13 +39,13 @@ def resolve_kernels(kernels: str, device_type: str) -> str:
             return "cuda" if extension_built_with_cuda() else "torch"
         return "cpu" if extension_available() else "torch"
     if not extension_available():
-        raise RuntimeError(
+        raise ValueError(
             f"kernels={kernels!r} needs the compiled extension xverse_engine._C, which failed to import "
             f"({_LOAD_ERROR}). Build it with `pip install --no-build-isolation -e .`, or use kernels='torch'.")
     if kernels != device_type:
         raise ValueError(f"kernels={kernels!r} cannot run on device type {device_type!r}; "
                          f"use kernels='auto' or kernels={device_type!r}")
     if kernels == "cuda" and not extension_built_with_cuda():
-        raise RuntimeError("kernels='cuda' but the extension was built without CUDA (no nvcc / CPU torch at "
+        raise ValueError("kernels='cuda' but the extension was built without CUDA (no nvcc / CPU torch at "
                            "build time). Rebuild with a CUDA torch and CUDA_HOME set, or use kernels='torch'.")
     return kernels

@@ -1,0 +1,41 @@
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved ("rotate half") RoPE over the full head_dim, with an fp32 cos/sin table.
+
+    rope_scaling "linear" divides positions by the factor. "dynamic" (NTK) rescales the base once for
+    the longest context the engine serves (max_position * factor), since a paged cache cannot re-rotate
+    keys already written when a sequence grows.
+    """
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, rope_scaling, device):
+        super().__init__()
+        scale_positions = 1.0
+        table_len = max_position
+        if rope_scaling is not None:
+            kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+            factor = float(rope_scaling["factor"])
+            table_len = int(max_position * factor)
+            if kind == "linear":
+                scale_positions = factor
+            else:  # dynamic NTK at the longest served length
+                theta = theta * (factor * table_len / max_position - (factor - 1)) ** (head_dim / (head_dim - 2))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        positions = torch.arange(table_len, dtype=torch.float32, device=device) / scale_positions
+        freqs = torch.outer(positions, inv_freq)                                  # [P, D/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.max_position = table_len
+
+    def forward(self, positions, q, k):
+        # positions: [T]  q: [T, Hq, D]  k: [T, Hkv, D]
+        cos = self.cos[positions].unsqueeze(1)                                    # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

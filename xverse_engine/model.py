@@ -1,0 +1,55 @@
+"""The XVERSE decoder (MoE or dense): embedding, attention + MoE/MLP blocks, final norm, lm_head.
+
+Parameter names follow the Hugging Face checkpoint with "model." dropped, except the packed ones that the
+loader fills from several checkpoint tensors: self_attn.qkv_proj, mlp.w13 / mlp.w2 (stacked experts),
+gate_up_proj (dense MLP and shared experts). loader.py holds the mapping.
+"""
+import torch
+from torch import nn
+
+from .layers.attention import Attention, AttentionMetadata
+from .layers.mlp import SwiGLU
+from .layers.moe import MoE
+from .layers.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, dtype, device, kernels: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, dtype, device, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = (MoE(config, dtype, device, kernels) if config.is_moe
+                    else SwiGLU(config.hidden_size, config.intermediate_size, dtype, device))
+
+    def forward(self, positions, x, meta, kv_cache):
+        # x: [T, H]
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class XverseForCausalLM(nn.Module):
+    def __init__(self, config, dtype, device, kernels: str):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device, kernels)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        self.requires_grad_(False)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches):
+        # input_ids, positions: [T]  ->  hidden: [T, H]
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(positions, x, meta, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden):
+        # hidden: [B, H]  ->  logits: [B, V] fp32
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
