@@ -8,13 +8,40 @@ Install without build isolation so the extension is built against the torch you 
 """
 import glob
 import os
+import shutil
 import site
 import sysconfig
 
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def find_cuda_home():
+    """CUDA_HOME if set; else the toolkit behind `nvcc` on PATH (following a wrapper script that execs the real
+    one), else /usr/local/cuda. Must run before torch.utils.cpp_extension is imported, which reads it once."""
+    if os.environ.get("CUDA_HOME"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:
+            with open(nvcc, errors="ignore") as f:
+                head = f.read(4096)
+            candidates += [os.path.dirname(os.path.dirname(w)) for w in head.split() if w.endswith("/bin/nvcc")]
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and os.path.isfile(
+                os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+find_cuda_home()
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def cuda_wheel_includes():
@@ -33,6 +60,8 @@ def build_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+if torch.version.cuda and not build_cuda() and os.environ.get("XVERSE_NO_CUDA") != "1":
+    print("xverse_engine: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
 cpu_sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/**/*_cpu.cpp", recursive=True))
 cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
 cxx_flags = ["-O3", "-std=c++17"]

@@ -14,10 +14,10 @@ from .layers.norm import RMSNorm
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, dtype, device, kernels: str):
+    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, dtype, device, kernels)
+        self.self_attn = Attention(config, dtype, device, kernels, max_model_len)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = (MoE(config, dtype, device, kernels) if config.is_moe
                     else SwiGLU(config.hidden_size, config.intermediate_size, dtype, device))
@@ -29,11 +29,11 @@ class DecoderLayer(nn.Module):
 
 
 class XverseForCausalLM(nn.Module):
-    def __init__(self, config, dtype, device, kernels: str):
+    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device, kernels)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device, kernels, max_model_len)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         if config.tie_word_embeddings:

@@ -100,7 +100,7 @@ class Engine:
 
         torch.manual_seed(seed)
         start = time.perf_counter()
-        self.model = XverseForCausalLM(self.config, self.dtype, self.device, self.kernels)
+        self.model = XverseForCausalLM(self.config, self.dtype, self.device, self.kernels, self.max_model_len)
         load_weights(self.model, self.config, self.model_path, load_format, show_progress=show_progress)
         self.load_seconds = time.perf_counter() - start
         self.runner = ModelRunner(

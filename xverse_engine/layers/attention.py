@@ -23,7 +23,7 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Multi-head (or grouped-query) attention over a paged KV cache; q/k/v packed into one GEMM."""
 
-    def __init__(self, config, dtype, device, kernels: str):
+    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -35,7 +35,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False, dtype=dtype,
                                 device=device)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta,
-                                      config.rope_scaling, device)
+                                      config.rope_scaling, device, max_len=max_model_len)
 
     def forward(self, positions, x, meta: AttentionMetadata, kv_cache):
         # positions: [T]  x: [T, H]  kv_cache: (key_cache, value_cache), each [N, n_kv, block_size, D]

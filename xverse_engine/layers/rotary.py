@@ -5,12 +5,13 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     """Non-interleaved ("rotate half") RoPE over the full head_dim, with an fp32 cos/sin table.
 
-    rope_scaling "linear" divides positions by the factor. "dynamic" (NTK) rescales the base once for
-    the longest context the engine serves (max_position * factor), since a paged cache cannot re-rotate
-    keys already written when a sequence grows.
+    rope_scaling "linear" divides positions by the factor. "dynamic" (NTK) keeps the base while the engine
+    serves no more than max_position tokens (as transformers does for such sequences) and otherwise rescales
+    it once for the longest served length, since a paged cache cannot re-rotate keys already written.
     """
 
-    def __init__(self, head_dim: int, max_position: int, theta: float, rope_scaling, device):
+    def __init__(self, head_dim: int, max_position: int, theta: float, rope_scaling, device,
+                 max_len: int = None):
         super().__init__()
         scale_positions = 1.0
         table_len = max_position
@@ -20,8 +21,8 @@ class RotaryEmbedding(nn.Module):
             table_len = int(max_position * factor)
             if kind == "linear":
                 scale_positions = factor
-            else:  # dynamic NTK at the longest served length
-                theta = theta * (factor * table_len / max_position - (factor - 1)) ** (head_dim / (head_dim - 2))
+            elif max_len is not None and max_len > max_position:  # dynamic NTK at the longest served length
+                theta = theta * (factor * max_len / max_position - (factor - 1)) ** (head_dim / (head_dim - 2))
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         positions = torch.arange(table_len, dtype=torch.float32, device=device) / scale_positions
         freqs = torch.outer(positions, inv_freq)                                  # [P, D/2]
