@@ -94,9 +94,8 @@ class Engine:
                              f"(max_position_embeddings, times the rope_scaling factor)")
         default_budget = 8192 if self.device.type == "cuda" else 2048
         self.max_num_batched_tokens = max_num_batched_tokens or max(default_budget, max_num_seqs)
-        if self.max_num_batched_tokens < max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
-                             f"{max_num_seqs}, so that every running sequence can decode in one step")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
         torch.manual_seed(seed)
         start = time.perf_counter()
