@@ -50,9 +50,12 @@ def gumbel_noise(seeds, steps, vocab_size: int):
 
 def apply_repetition_penalty(logits, seen_token_ids, penalties):
     # logits: [B, V]; seen tokens' logits divided (if > 0) or multiplied (if < 0) by the penalty, as HF
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    valid = seen_token_ids >= 0
-    seen.scatter_(1, seen_token_ids.clamp(min=0), valid)
+    vocab = logits.shape[-1]
+    # padding (-1) goes to an extra column that is dropped, so it can never unmark a real token
+    index = torch.where(seen_token_ids >= 0, seen_token_ids, vocab)
+    seen = torch.zeros((logits.shape[0], vocab + 1), dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, index, True)
+    seen = seen[:, :vocab]
     penalty = penalties[:, None].expand_as(logits)
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
