@@ -43,9 +43,9 @@ def run_with_arrivals(engine, prompts, params):
                 ids.append(engine.add_request(None, s, prompt_token_ids=p))
         engine.step()
     for rid in ids:
-        seq = engine._requests[rid][0]
-        assert seq.is_finished
-        results[rid] = seq.output_token_ids
+        out = engine.get_output(rid)
+        assert out.finished
+        results[rid] = out.token_ids
     return [results[rid] for rid in ids]
 
 
@@ -117,7 +117,7 @@ def test_abort_frees_every_block(moe_ckpt):
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
     for rid in ids:
         engine.abort(rid)
-    assert all(engine._requests[rid][0].finish_reason == "abort" for rid in ids)
+    assert all(engine.get_output(rid).finish_reason == "abort" for rid in ids)
     assert_no_leak(engine)
 
 

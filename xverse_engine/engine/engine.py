@@ -181,6 +181,8 @@ class Engine:
         """Runs one scheduled step; returns the ids of requests that got new tokens or finished."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self.scheduler.has_unfinished():  # cannot happen while the cache holds max_model_len tokens
+                raise RuntimeError("the scheduler could not place any waiting request; please report this")
             return []
         now = time.perf_counter()
         for item in scheduled:
@@ -219,6 +221,16 @@ class Engine:
         return TokenLogprob(token, row[token].item(), top)
 
     # ---- outputs -----------------------------------------------------------------------------------------
+    def get_output(self, request_id: int, release: bool = True) -> RequestOutput:
+        """The output of a request added with add_request (so far, or final). A finished request is
+        forgotten once fetched unless release=False."""
+        if request_id not in self._requests:
+            raise KeyError(f"no request {request_id} (unknown, or already fetched)")
+        output = self._output(request_id)
+        if release and output.finished:
+            del self._requests[request_id]
+        return output
+
     def _output(self, request_id: int) -> RequestOutput:
         seq, text, _ = self._requests[request_id]
         return RequestOutput(
