@@ -195,7 +195,7 @@ class Engine:
         touched = []
         now = time.perf_counter()
         for seq, token, logprob_row in results:
-            seq.token_ids.append(token)
+            seq.append_token(token)
             self.num_generated_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now

@@ -115,9 +115,10 @@ class ModelRunner:
         params = [seq.params for seq in seqs]
         penalised = any(p.repetition_penalty != 1.0 for p in params)
         seen = None
-        if penalised:
-            width = max(seq.num_tokens for seq in seqs)
-            seen = self._tensor([seq.token_ids + [-1] * (width - seq.num_tokens) for seq in seqs], torch.int64)
+        if penalised:  # every token so far, padded with -1: [B, max tokens]
+            rows = [seq.token_tensor[:seq.num_tokens] for seq in seqs]
+            seen = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
+            seen = seen.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else seen
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
             temperatures=self._tensor([p.temperature for p in params], torch.float32),

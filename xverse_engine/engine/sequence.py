@@ -4,6 +4,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from ..sampling_params import SamplingParams
 
 
@@ -35,10 +37,17 @@ class Sequence:
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
     num_preemptions: int = 0
+    token_tensor: Optional[torch.Tensor] = None    # [max_tokens] int64 on the CPU: token_ids, for the sampler
 
     def __post_init__(self):
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.token_tensor = torch.empty(max(self.max_tokens, self.num_tokens), dtype=torch.int64)
+        self.token_tensor[:self.num_tokens] = torch.tensor(self.token_ids, dtype=torch.int64)
+
+    def append_token(self, token_id: int):
+        self.token_tensor[self.num_tokens] = token_id
+        self.token_ids.append(token_id)
 
     @property
     def num_tokens(self) -> int:

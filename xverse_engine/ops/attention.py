@@ -5,6 +5,12 @@ Cache layout: key_cache / value_cache [num_blocks, n_kv, block_size, D]. One (bl
 block_size x D tile, so the decode kernel reads each head's keys as one coalesced run.
 A token's slot = block_id * block_size + offset; slot_mapping < 0 marks padding that is not written.
 Block tables are int32 [B, max_blocks_per_seq]; context_lens int32 [B] count cached + new tokens.
+
+The C++/CUDA ops take the same arguments; they also require key/value/query dtype == cache dtype, int64
+slot_mapping, and (CUDA) head_dim in {64, 80, 96, 128}. Prefill on CUDA runs our own paged kernel rather than
+SDPA over gathered K/V: gathering varlen contexts needs their lengths on the host (a sync), and the paged
+kernel serves chunked prefill and prefix reuse with no copy. It is a SIMT kernel (correct, not yet fast);
+decode is the tuned one (csrc/attention/paged_attention.cu).
 """
 import torch
 
@@ -99,9 +105,10 @@ if extension_available():
 
     @torch.library.register_fake("xverse::paged_attention_decode")
     def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, context_lens, scale):
-        return torch.empty_like(query)
+        # the kernels return a fresh contiguous tensor, whatever the strides of query
+        return query.new_empty(query.shape)
 
     @torch.library.register_fake("xverse::paged_attention_prefill")
     def _paged_attention_prefill_fake(query, key_cache, value_cache, block_tables, query_start_loc,
                                       context_lens, scale):
-        return torch.empty_like(query)
+        return query.new_empty(query.shape)
