@@ -53,14 +53,16 @@ class IncrementalDecoder:
 
     Decodes a short window ids[prefix:] and emits what lies past the text of ids[prefix:read]; so the
     word-boundary handling of the decoder (the Metaspace "▁" at a window's start) never leaks, and the
-    cost per token stays constant. The concatenated deltas equal decode(all ids) for this tokenizer family.
+    cost per token stays constant. `context_ids` (the prompt's last tokens) make the first output token
+    decode as a continuation, so a leading space survives ("is" + "▁Paris" -> " Paris"), as when the
+    whole sequence is decoded and the prompt's text cut off.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context_ids=()):
         self.tokenizer = tokenizer
-        self.ids = []
+        self.ids = list(context_ids)
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
         self.text = ""
 
     def add(self, token_id: int) -> str:

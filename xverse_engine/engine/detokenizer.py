@@ -4,8 +4,11 @@ from ..tokenizer import IncrementalDecoder, Tokenizer
 
 
 class OutputText:
-    def __init__(self, tokenizer: Tokenizer, stop: list):
-        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+    CONTEXT_TOKENS = 6   # prompt tokens decoded with the output, so its first word keeps its leading space
+
+    def __init__(self, tokenizer: Tokenizer, stop: list, prompt_token_ids=()):
+        self.decoder = (IncrementalDecoder(tokenizer, prompt_token_ids[-self.CONTEXT_TOKENS:])
+                        if tokenizer is not None else None)
         self.stop = stop
         self.text = ""          # the final text so far (stop string excluded)
         self.emitted = 0        # characters of self.text already handed out as deltas

@@ -156,7 +156,7 @@ class Engine:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         seq = Sequence(request_id, prompt, prompt_token_ids, params, seed,
                        max_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_new_tokens))
-        self._requests[request_id] = (seq, OutputText(self.tokenizer, params.stop), self._stop_token_ids(params))
+        self._requests[request_id] = (seq, OutputText(self.tokenizer, params.stop, prompt_token_ids), self._stop_token_ids(params))
         self.scheduler.add(seq)
         return request_id
 
