@@ -62,14 +62,23 @@ def build_cuda():
 
 if torch.version.cuda and not build_cuda() and os.environ.get("XVERSE_NO_CUDA") != "1":
     print("xverse_engine: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
+def cxx_standard():
+    """C++20 when the installed torch's headers demand it (torch >= 2.13), else C++17 (older torch)."""
+    from torch.utils.cpp_extension import include_paths
+    aten = os.path.join(include_paths()[0], "ATen", "ATen.h")
+    with open(aten) as f:
+        return "c++20" if "202002L" in f.read() else "c++17"
+
+
+STD = cxx_standard()
 cpu_sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/**/*_cpu.cpp", recursive=True))
 cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3", f"-std={STD}"]
 
 if build_cuda():
     arch = os.environ.get("XVERSE_CUDA_ARCH", "90a")
     nvcc_flags = [
-        "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+        "-O3", f"-std={STD}", "-lineinfo", "--expt-relaxed-constexpr",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",

@@ -26,13 +26,15 @@ for root in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]:
 print(" ".join("-I" + p for p in dict.fromkeys(paths)))
 PY
 )
+# C++20 when the installed torch's headers demand it (torch >= 2.13), as setup.py decides
+std=$(python3 -c 'import os; from torch.utils.cpp_extension import include_paths as p; print("c++20" if "202002L" in open(os.path.join(p()[0], "ATen", "ATen.h")).read() else "c++17")' 2>/dev/null)
 files=("$@")
 [ ${#files[@]} -gt 0 ] || mapfile -t files < <(find csrc -name '*.cu' | sort)
 [ ${#files[@]} -gt 0 ] || { echo "no .cu files"; exit 0; }
 out=$(mktemp -d)
 for f in "${files[@]}"; do
   echo "== nvcc sm_90a: $f"
-  "$CUDA_HOME/bin/nvcc" -c "$f" -o "$out/$(basename "$f").o" -std=c++17 -O3 -lineinfo --expt-relaxed-constexpr \
+  "$CUDA_HOME/bin/nvcc" -c "$f" -o "$out/$(basename "$f").o" -std=$std -O3 -lineinfo --expt-relaxed-constexpr \
     -gencode=arch=compute_90a,code=sm_90a -Xptxas=-v -Icsrc $includes \
     -D_GLIBCXX_USE_CXX11_ABI=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))') \
     -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ \

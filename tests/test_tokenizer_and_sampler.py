@@ -46,6 +46,15 @@ def test_incremental_decoding_of_random_texts(tokenizer):
         assert all("\ufffd" not in d for d in deltas)
 
 
+def test_incremental_decoding_after_a_prompt_keeps_the_leading_space(tokenizer):
+    prompt, answer = tokenizer.encode("The capital of France is"), tokenizer.encode(" Paris. 北京")
+    full = tokenizer.decode(prompt + answer)
+    decoder = IncrementalDecoder(tokenizer, context_ids=prompt[-6:])
+    streamed = "".join(decoder.add(i) for i in answer)
+    assert tokenizer.decode(prompt) + streamed == full
+    assert streamed.startswith(" Paris")
+
+
 def test_chat_template():
     assert apply_chat_template("你好") == "Human: 你好\n\nAssistant: "
     assert apply_chat_template("hi", system="Be brief.") == "Be brief.\n\nHuman: hi\n\nAssistant: "
