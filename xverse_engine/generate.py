@@ -77,6 +77,7 @@ def read_prompts(args) -> list:
 def run(args) -> int:
     from . import Engine, SamplingParams
     prompts = read_prompts(args)
+    text_out = sys.stderr if args.json == "-" else sys.stdout   # stdout carries only JSON with --json -
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
                             ignore_eos=args.ignore_eos, seed=args.seed)
@@ -99,14 +100,14 @@ def run(args) -> int:
             if delta.index != current:
                 current = delta.index
                 if len(prompts) > 1:
-                    print(f"\n--- [{current + 1}] {prompts[current]!r}")
+                    print(f"\n--- [{current + 1}] {prompts[current]!r}", file=text_out)
                 else:
-                    print(prompts[current], end="")
-            print(delta.text, end="", flush=True)
+                    print(prompts[current], end="", file=text_out)
+            print(delta.text, end="", flush=True, file=text_out)
             texts[delta.index] += delta.text
             if delta.finished:
                 outputs[delta.index] = {"text": texts[delta.index], "finish_reason": delta.finish_reason}
-        print()
+        print(file=text_out)
         results = [dict(prompt=p, **(o or {})) for p, o in zip(prompts, outputs)]
         failed = sum(1 for o in outputs if o and o.get("error"))
         generated = None
@@ -118,7 +119,8 @@ def run(args) -> int:
                 failed += 1
                 print(f"[{i + 1}] error: {out.error}", file=sys.stderr)
             else:
-                print(f"{out.prompt}{out.text}" if len(outs) == 1 else f"--- [{i + 1}]\n{out.prompt}{out.text}")
+                print(f"{out.prompt}{out.text}" if len(outs) == 1 else f"--- [{i + 1}]\n{out.prompt}{out.text}",
+                      file=text_out)
             generated += len(out.token_ids)
             results.append({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
                             "finish_reason": out.finish_reason, "error": out.error,
