@@ -107,7 +107,7 @@ setup(
     package_data={"xverse_engine": ["assets/*/*", "assets/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
-    extras_require={"test": ["pytest>=7"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest>=7", "sentencepiece"], "bench": ["matplotlib"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

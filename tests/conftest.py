@@ -12,6 +12,22 @@ from checkpoints import load_config, load_state_dict, make_checkpoint, make_pres
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# Devices an op test runs on: the CPU always, CUDA where a GPU exists (marked gpu).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="needs a CUDA device")]),
+]
+
+
+def require_extension():
+    """Op tests need the compiled extension: fail loudly rather than skip (CI builds it first)."""
+    from xverse_engine.ops import extension_available
+    if not extension_available():
+        pytest.fail("xverse_engine._C is not built: build it with `pip install --no-build-isolation -e .` "
+                    "(CI builds it before the tests)", pytrace=False)
+
+
 def kernel_choices():
     """Every kernel backend that runs here: the twins always; the C++ CPU kernels, which CI builds."""
     return ["torch", "cpu"]

@@ -13,18 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES, require_extension
 from xverse_engine.ops import attention as attn
-from xverse_engine.ops import extension_available
 
-if not extension_available():
-    pytest.fail("xverse_engine._C is not built: build it with `python setup.py build_ext --inplace` "
-                "(CI builds it before the tests)", pytrace=False)
+require_extension()
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                     reason="needs a CUDA device")]),
-]
 # (rtol, atol) of an op's output against its twin, per dtype
 TOL = {torch.float32: (1e-4, 2e-5), torch.bfloat16: (1.6e-2, 1e-2)}
 BAD_BLOCK = 1 << 30  # unused block-table entries: an out-of-bounds read of them faults instead of passing

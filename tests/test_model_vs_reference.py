@@ -59,11 +59,14 @@ def test_logits_match_reference_variants(tmp_path, reference_data, preset, kerne
     assert_close_to_reference(engine, path, reference_data)
 
 
-@pytest.mark.parametrize("fmt,shards", [("bin", 3), ("safetensors", 1)])
-def test_logits_match_reference_other_layouts(tmp_path, reference_data, fmt, shards):
+@pytest.mark.parametrize("fmt,shards,scaling", [("bin", 3, "linear"), ("safetensors", 1, "dynamic")])
+def test_logits_match_reference_other_layouts(tmp_path, reference_data, fmt, shards, scaling):
+    """.bin shards, a single unindexed file, and both rope_scaling kinds (dynamic within the trained length,
+    where transformers keeps the base)."""
     path = make_checkpoint(tmp_path / fmt, fmt=fmt, num_shards=shards, max_position_embeddings=512,
-                           rope_scaling={"type": "linear", "factor": 2.0})
-    engine = Engine(str(path), device="cpu", kernels="torch", num_kv_blocks=64, show_progress=False)
+                           rope_scaling={"type": scaling, "factor": 2.0})
+    engine = Engine(str(path), device="cpu", kernels="torch", num_kv_blocks=64, max_model_len=512,
+                    show_progress=False)
     assert_close_to_reference(engine, path, reference_data)
 
 

@@ -11,18 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xverse_engine.ops import extension_available
+from conftest import DEVICES, require_extension
 from xverse_engine.ops import moe
 
-if not extension_available():
-    pytest.fail("xverse_engine._C is not built: build it with `python setup.py build_ext --inplace` "
-                "(CI builds it before the tests)", pytrace=False)
+require_extension()
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                     reason="needs a CUDA device")]),
-]
 DTYPES = [torch.float32, torch.bfloat16]
 # (rtol, atol) per dtype, on inputs scaled by 0.1
 TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 2e-2)}

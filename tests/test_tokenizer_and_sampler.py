@@ -93,3 +93,20 @@ def test_sampled_frequencies_follow_the_distribution():
     tokens, _ = sample(torch.log(probs).expand(n, 4).clone(), batch)
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert torch.allclose(freq, probs, atol=0.03), freq
+
+
+def test_sentencepiece_model_when_no_tokenizer_json(tmp_path):
+    """A checkpoint that ships tokenizer.model (sentencepiece) instead of tokenizer.json."""
+    sentencepiece = pytest.importorskip("sentencepiece", reason="CI installs sentencepiece; optional at run time")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["北京的景点：故宫、天坛。", "Hello world, hello tokens.", "深圳的景点：世界之窗。"] * 50),
+                      encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=400, hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,
+                                             normalization_rule_name="identity", minloglevel=2)
+    tokenizer = Tokenizer(str(tmp_path))
+    text = "北京的景点：故宫 and 龘"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    decoder = IncrementalDecoder(tokenizer)
+    assert "".join(decoder.add(i) for i in ids) == text

@@ -19,6 +19,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "moe/moe_checks.h"
 #include "moe/moe_common.cuh"
 #include "ops.h"
 
@@ -372,34 +373,15 @@ void launch_grouped_gemm(const GemmArgs& args, int64_t num_blocks, bool aligned,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_layout(const char* op, const at::Tensor& ref, const at::Tensor& sorted_pair_ids,
-                  const at::Tensor& block_expert_ids, const at::Tensor& num_padded, int64_t block_m) {
-  TORCH_CHECK(block_m >= 1, op, ": block_m must be >= 1, got ", block_m);
-  for (const at::Tensor* t : {&sorted_pair_ids, &block_expert_ids, &num_padded}) {
-    TORCH_CHECK(t->device() == ref.device(), op, ": the layout tensors must be on ", ref.device());
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(), op,
-                ": sorted_pair_ids, block_expert_ids, num_padded must be contiguous 1-D int32");
-  }
-  TORCH_CHECK(num_padded.numel() == 1, op, ": num_padded must have one element");
-  TORCH_CHECK(sorted_pair_ids.numel() == block_expert_ids.numel() * block_m, op,
-              ": sorted_pair_ids must have block_expert_ids.numel() * block_m = ", block_expert_ids.numel() * block_m,
-              " elements, got ", sorted_pair_ids.numel());
-  TORCH_CHECK(sorted_pair_ids.numel() < INT_MAX, op, ": too many slots");
-}
-
 }  // namespace
 
 at::Tensor moe_gate_up_cuda(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& sorted_pair_ids,
                             const at::Tensor& block_expert_ids, const at::Tensor& num_padded, int64_t top_k,
                             int64_t block_m) {
-  TORCH_CHECK(x.is_cuda() && w13.device() == x.device(), "moe_gate_up_cuda: x and w13 must be CUDA tensors on one device");
-  check_layout("moe_gate_up", x, sorted_pair_ids, block_expert_ids, num_padded, block_m);
-  TORCH_CHECK(x.dim() == 2, "moe_gate_up: x must be [T, H], got ", x.sizes());
-  TORCH_CHECK(w13.dim() == 3 && w13.size(2) == x.size(1) && w13.size(1) % 2 == 0,
-              "moe_gate_up: w13 must be [E, 2I, H] with H = ", x.size(1), ", got ", w13.sizes());
-  TORCH_CHECK(w13.scalar_type() == x.scalar_type(), "moe_gate_up: w13 dtype ", w13.scalar_type(), " != x dtype ",
-              x.scalar_type());
-  TORCH_CHECK(top_k >= 1, "moe_gate_up: top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(x.is_cuda(), "moe_gate_up_cuda: x must be a CUDA tensor");
+  moe_checks::check_layout("moe_gate_up", x.device(), sorted_pair_ids, block_expert_ids, num_padded, block_m);
+  moe_checks::check_gate_up(x, w13, top_k);
+  TORCH_CHECK(sorted_pair_ids.numel() < INT_MAX, "moe_gate_up: too many slots");
   TORCH_CHECK(x.size(1) < INT_MAX && w13.size(1) < INT_MAX, "moe_gate_up: H / I too large");
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -426,31 +408,17 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
                                  const at::Tensor& block_expert_ids, const at::Tensor& num_padded,
                                  const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_out,
                                  int64_t block_m) {
-  TORCH_CHECK(act.is_cuda() && w2.device() == act.device() && topk_weights.device() == act.device(),
-              "moe_down_combine_cuda: act, w2, topk_weights must be CUDA tensors on one device");
-  check_layout("moe_down_combine", act, sorted_pair_ids, block_expert_ids, num_padded, block_m);
-  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.scalar_type() == at::kFloat,
-              "moe_down_combine: topk_weights must be [T, k] float32, got ", topk_weights.sizes(), " ",
-              topk_weights.scalar_type());
+  TORCH_CHECK(act.is_cuda(), "moe_down_combine_cuda: act must be a CUDA tensor");
+  moe_checks::check_layout("moe_down_combine", act.device(), sorted_pair_ids, block_expert_ids, num_padded, block_m);
+  moe_checks::check_down_combine(act, w2, topk_weights, shared_out);
+  TORCH_CHECK(sorted_pair_ids.numel() < INT_MAX, "moe_down_combine: too many slots");
+  TORCH_CHECK(act.size(1) < INT_MAX && w2.size(1) < INT_MAX, "moe_down_combine: H / I too large");
   const int64_t num_tokens = topk_weights.size(0);
   const int64_t top_k = topk_weights.size(1);
   const int64_t num_pairs = num_tokens * top_k;
-  TORCH_CHECK(act.dim() == 2 && act.size(0) == num_pairs, "moe_down_combine: act must be [T * k = ", num_pairs,
-              ", I], got ", act.sizes());
-  TORCH_CHECK(w2.dim() == 3 && w2.size(2) == act.size(1), "moe_down_combine: w2 must be [E, H, I] with I = ",
-              act.size(1), ", got ", w2.sizes());
-  TORCH_CHECK(w2.scalar_type() == act.scalar_type(), "moe_down_combine: w2 dtype ", w2.scalar_type(),
-              " != act dtype ", act.scalar_type());
-  TORCH_CHECK(act.size(1) < INT_MAX && w2.size(1) < INT_MAX, "moe_down_combine: H / I too large");
   const int64_t hidden = w2.size(1);
   at::Tensor shared;
-  if (shared_out.has_value()) {
-    TORCH_CHECK(shared_out->device() == act.device(), "moe_down_combine: shared_out must be on ", act.device());
-    TORCH_CHECK(shared_out->dim() == 2 && shared_out->size(0) == num_tokens && shared_out->size(1) == hidden,
-                "moe_down_combine: shared_out must be [T, H] = [", num_tokens, ", ", hidden, "], got ",
-                shared_out->sizes());
-    shared = shared_out->to(act.scalar_type()).contiguous();
-  }
+  if (shared_out.has_value()) shared = shared_out->to(act.scalar_type()).contiguous();
 
   const c10::cuda::CUDAGuard guard(act.device());
   const at::Tensor ac = act.contiguous();

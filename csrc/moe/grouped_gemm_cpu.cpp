@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "moe/moe_checks.h"
 #include "ops.h"
 
 namespace xverse {
@@ -42,20 +43,6 @@ std::vector<ExpertRun> expert_runs(const at::Tensor& sorted_pair_ids, const at::
   return runs;
 }
 
-void check_layout(const char* op, const at::Tensor& sorted_pair_ids, const at::Tensor& block_expert_ids,
-                  const at::Tensor& num_padded, int64_t block_m) {
-  TORCH_CHECK(block_m >= 1, op, ": block_m must be >= 1, got ", block_m);
-  for (const at::Tensor* t : {&sorted_pair_ids, &block_expert_ids, &num_padded}) {
-    TORCH_CHECK(t->device().is_cpu(), op, "_cpu: the layout tensors must be CPU tensors");
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(), op,
-                ": sorted_pair_ids, block_expert_ids, num_padded must be contiguous 1-D int32");
-  }
-  TORCH_CHECK(num_padded.numel() == 1, op, ": num_padded must have one element");
-  TORCH_CHECK(sorted_pair_ids.numel() == block_expert_ids.numel() * block_m, op,
-              ": sorted_pair_ids must have block_expert_ids.numel() * block_m = ", block_expert_ids.numel() * block_m,
-              " elements, got ", sorted_pair_ids.numel());
-}
-
 inline float silu_times(float gate, float up) {
   return gate / (1.f + std::exp(-gate)) * up;
 }
@@ -65,14 +52,9 @@ inline float silu_times(float gate, float up) {
 at::Tensor moe_gate_up_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& sorted_pair_ids,
                            const at::Tensor& block_expert_ids, const at::Tensor& num_padded, int64_t top_k,
                            int64_t block_m) {
-  check_layout("moe_gate_up", sorted_pair_ids, block_expert_ids, num_padded, block_m);
-  TORCH_CHECK(x.device().is_cpu() && w13.device().is_cpu(), "moe_gate_up_cpu: x and w13 must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2, "moe_gate_up: x must be [T, H], got ", x.sizes());
-  TORCH_CHECK(w13.dim() == 3 && w13.size(2) == x.size(1) && w13.size(1) % 2 == 0,
-              "moe_gate_up: w13 must be [E, 2I, H] with H = ", x.size(1), ", got ", w13.sizes());
-  TORCH_CHECK(w13.scalar_type() == x.scalar_type(), "moe_gate_up: w13 dtype ", w13.scalar_type(),
-              " != x dtype ", x.scalar_type());
-  TORCH_CHECK(top_k >= 1, "moe_gate_up: top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(x.device().is_cpu(), "moe_gate_up_cpu: x must be a CPU tensor");
+  moe_checks::check_layout("moe_gate_up", x.device(), sorted_pair_ids, block_expert_ids, num_padded, block_m);
+  moe_checks::check_gate_up(x, w13, top_k);
   const int64_t num_pairs = x.size(0) * top_k;
   const int64_t inter = w13.size(1) / 2;
   const at::Tensor xc = x.contiguous();
@@ -105,28 +87,13 @@ at::Tensor moe_down_combine_cpu(const at::Tensor& act, const at::Tensor& w2, con
                                 const at::Tensor& block_expert_ids, const at::Tensor& num_padded,
                                 const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_out,
                                 int64_t block_m) {
-  check_layout("moe_down_combine", sorted_pair_ids, block_expert_ids, num_padded, block_m);
-  TORCH_CHECK(act.device().is_cpu() && w2.device().is_cpu() && topk_weights.device().is_cpu(),
-              "moe_down_combine_cpu: act, w2, topk_weights must be CPU tensors");
-  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.scalar_type() == at::kFloat,
-              "moe_down_combine: topk_weights must be [T, k] float32, got ", topk_weights.sizes(), " ",
-              topk_weights.scalar_type());
+  TORCH_CHECK(act.device().is_cpu(), "moe_down_combine_cpu: act must be a CPU tensor");
+  moe_checks::check_layout("moe_down_combine", act.device(), sorted_pair_ids, block_expert_ids, num_padded, block_m);
+  moe_checks::check_down_combine(act, w2, topk_weights, shared_out);
   const int64_t num_tokens = topk_weights.size(0);
   const int64_t top_k = topk_weights.size(1);
   const int64_t num_pairs = num_tokens * top_k;
-  TORCH_CHECK(act.dim() == 2 && act.size(0) == num_pairs, "moe_down_combine: act must be [T * k = ", num_pairs,
-              ", I], got ", act.sizes());
-  TORCH_CHECK(w2.dim() == 3 && w2.size(2) == act.size(1), "moe_down_combine: w2 must be [E, H, I] with I = ",
-              act.size(1), ", got ", w2.sizes());
-  TORCH_CHECK(w2.scalar_type() == act.scalar_type(), "moe_down_combine: w2 dtype ", w2.scalar_type(),
-              " != act dtype ", act.scalar_type());
   const int64_t hidden = w2.size(1);
-  if (shared_out.has_value()) {
-    TORCH_CHECK(shared_out->device().is_cpu(), "moe_down_combine_cpu: shared_out must be a CPU tensor");
-    TORCH_CHECK(shared_out->dim() == 2 && shared_out->size(0) == num_tokens && shared_out->size(1) == hidden,
-                "moe_down_combine: shared_out must be [T, H] = [", num_tokens, ", ", hidden, "], got ",
-                shared_out->sizes());
-  }
   const at::Tensor ac = act.contiguous();
   const at::Tensor wc = topk_weights.contiguous();
   const auto runs = expert_runs(sorted_pair_ids, block_expert_ids, num_padded, num_pairs, w2.size(0), block_m);
