@@ -3,7 +3,7 @@ into outputs (generate), per-request deltas (stream), and metrics."""
 import logging
 import random
 import time
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -29,6 +29,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 class RequestError(ValueError):
     """A request the engine cannot serve (too long, empty, bad ids); it fails alone."""
+
+
+class Request(NamedTuple):
+    """What the engine keeps per request: the scheduler's sequence, its output text, its stop tokens."""
+    seq: Sequence
+    text: OutputText
+    stop_token_ids: set
 
 
 def resolve_device(device: str) -> torch.device:
@@ -114,7 +121,7 @@ class Engine:
         self.log_stats_interval = log_stats_interval
         self._last_log = time.perf_counter()
         self._next_request_id = 0
-        self._requests = {}      # request id -> (Sequence, OutputText)
+        self._requests = {}      # request id -> Request
         self.num_generated_tokens = 0
         logger.info("engine ready: %s on %s (%s, kernels=%s), %d KV blocks of %d tokens, max_model_len=%d",
                     self.model_path, self.device, str(self.dtype).replace("torch.", ""), self.kernels,
@@ -156,16 +163,17 @@ class Engine:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         seq = Sequence(request_id, prompt, prompt_token_ids, params, seed,
                        max_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_new_tokens))
-        self._requests[request_id] = (seq, OutputText(self.tokenizer, params.stop, prompt_token_ids), self._stop_token_ids(params))
+        self._requests[request_id] = Request(seq, OutputText(self.tokenizer, params.stop, prompt_token_ids),
+                                             self._stop_token_ids(params))
         self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: int):
         """Stops a request now; its blocks are freed and its output ends with finish_reason "abort"."""
-        entry = self._requests.get(request_id)
-        if entry is None or entry[0].is_finished:
+        request = self._requests.get(request_id)
+        if request is None or request.seq.is_finished:
             return
-        self._finish(entry[0], "abort")
+        self._finish(request.seq, "abort")
 
     def _finish(self, seq: Sequence, reason: str):
         self.scheduler.remove(seq)
@@ -201,10 +209,10 @@ class Engine:
                 seq.first_token_time = now
             if seq.params.logprobs is not None and logprob_row is not None:
                 seq.logprobs.append(self._logprob_entry(token, logprob_row, seq.params.logprobs))
-            _, text, stop_ids = self._requests[seq.request_id]
-            if text.add(token):
+            request = self._requests[seq.request_id]
+            if request.text.add(token):
                 self._finish(seq, "stop")
-            elif token in stop_ids:
+            elif token in request.stop_token_ids:
                 self._finish(seq, "stop")
             elif seq.num_tokens >= seq.max_tokens:
                 self._finish(seq, "length")
@@ -302,7 +310,7 @@ class Engine:
         try:
             while pending:
                 self.step()
-                done = {i for i in pending if self._requests[i][0].is_finished}
+                done = {i for i in pending if self._requests[i].seq.is_finished}
                 bar.update(len(done))
                 pending -= done
         finally:
