@@ -12,11 +12,9 @@ import argparse
 import random
 import time
 
-import torch
-
 from benchmarks.common import machine_info, print_table, write_json
-from benchmarks.throughput import (add_engine_args, check_fits, cli, decode_ceiling, engine_info, greedy_params,
-                                   make_engine, measure_roofline, random_prompts, release_engine_memory)
+from benchmarks.throughput import (add_engine_args, check_fits, cli, compare_with_reference, decode_ceiling,
+                                   engine_info, greedy_params, make_engine, measure_roofline, random_prompts)
 
 
 def parse_args(argv=None):
@@ -108,21 +106,13 @@ def main(argv=None) -> dict:
                             "warmup_iters": args.warmup_iters, "iters": args.iters, "sampling": "greedy, ignore_eos"},
                "results": result, "roofline": roofline}
     if args.compare_reference:
-        payload["reference"] = {"status": "running"}  # a JSON that survives a reference run cut short
-    write_json(args.json, payload)
-
-    if args.compare_reference:
-        release_engine_memory(engine)
-        try:
+        def reference_fields():
             ref = run_reference(engine, args, rng)
             ref["decode_tokens_per_s"] = args.batch_size / ref["tpot_s"]["p50"]
-            payload["reference"] = ref
-            payload["speedup_vs_reference"] = {
-                "e2e": ref["e2e_s"]["p50"] / result["e2e_s"]["p50"],
-                "ttft": ref["ttft_s"]["p50"] / result["ttft_s"]["p50"],
-                "tpot": ref["tpot_s"]["p50"] / result["tpot_s"]["p50"]}
-        except torch.cuda.OutOfMemoryError as error:
-            payload["reference"] = {"status": "out of memory", "error": str(error).splitlines()[0]}
+            return {"reference": ref, "speedup_vs_reference": {
+                metric: ref[f"{metric}_s"]["p50"] / result[f"{metric}_s"]["p50"] for metric in ("e2e", "ttft", "tpot")}}
+        compare_with_reference(engine, payload, args.json, reference_fields)
+    else:
         write_json(args.json, payload)
     report(payload)
     return payload

@@ -79,6 +79,20 @@ def greedy_params(max_new_tokens: int):
                           repetition_penalty=1.0, ignore_eos=True)
 
 
+def compare_with_reference(engine, payload: dict, json_path, run_reference_path):
+    """Runs the reference path after the engine's own run and records it in payload. The JSON is written
+    first with the reference marked "running", so a run cut short still keeps the engine's numbers.
+    run_reference_path() returns the payload fields to add ("reference", "speedup_vs_reference")."""
+    payload["reference"] = {"status": "running"}
+    write_json(json_path, payload)
+    release_engine_memory(engine)
+    try:
+        payload.update(run_reference_path())
+    except torch.cuda.OutOfMemoryError as error:
+        payload["reference"] = {"status": "out of memory", "error": str(error).splitlines()[0]}
+    write_json(json_path, payload)
+
+
 def release_engine_memory(engine):
     """Drops the engine's KV cache and CUDA graphs (its benchmark is over) so that the reference path's own
     contiguous cache fits beside the weights, which both share."""
@@ -253,19 +267,15 @@ def main(argv=None) -> dict:
                "max_batch_that_fits": max_batch_that_fits(engine, args.input_len, args.output_len),
                "results": result, "roofline": roofline}
     if args.compare_reference:
-        payload["reference"] = {"status": "running"}  # a JSON that survives a reference run cut short
-    write_json(args.json, payload)
-
-    if args.compare_reference:
-        release_engine_memory(engine)
-        batch = args.reference_batch_size or min(len(prompts), engine.runner.max_num_seqs)
-        try:
+        def reference_fields():
+            batch = args.reference_batch_size or min(len(prompts), engine.runner.max_num_seqs)
             ref = run_reference(engine, prompts, output_lens, batch)
-            payload["reference"] = {**rates(len(prompts), sum(input_lens), sum(output_lens), ref["elapsed_s"]),
-                                    "batch_size": ref["batch_size"]}
-            payload["speedup_vs_reference"] = result["output_tokens_per_s"] / payload["reference"]["output_tokens_per_s"]
-        except torch.cuda.OutOfMemoryError as error:
-            payload["reference"] = {"status": "out of memory", "error": str(error).splitlines()[0]}
+            reference = {**rates(len(prompts), sum(input_lens), sum(output_lens), ref["elapsed_s"]),
+                         "batch_size": ref["batch_size"]}
+            return {"reference": reference,
+                    "speedup_vs_reference": result["output_tokens_per_s"] / reference["output_tokens_per_s"]}
+        compare_with_reference(engine, payload, args.json, reference_fields)
+    else:
         write_json(args.json, payload)
     report(payload)
     return payload
