@@ -1,0 +1,21 @@
+// One way to launch a kernel, so the same .cu compiles for the GPU (nvcc) and for the CPU SIMT emulator
+// (g++ -DXVERSE_EMULATE, csrc/emu/), where a launch runs every block's threads on OS threads.
+#pragma once
+
+#ifdef XVERSE_EMULATE
+#include "emu/launch_emu.h"
+#else
+#include <c10/cuda/CUDAException.h>
+
+namespace xverse {
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), then a launch-error check.
+template <typename Kernel, typename... Args>
+inline void launch_kernel(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                          Args... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace xverse
+#endif
