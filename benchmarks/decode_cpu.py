@@ -53,8 +53,11 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: stable numbers on a shared machine, no OpenMP spin-waits)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     engine = Engine(args.model, device="cpu", dtype=args.dtype, kernels="cpu", num_kv_blocks=256, max_model_len=512,
                     show_progress=False)

@@ -288,7 +288,7 @@ def main(argv=None):
                          "dtype": str(dtype)}, "results": rows}
     write_json(args.json, payload)
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    if plot_path:
+    if plot_path and "block" in args.sections:  # the plot shows the block section
         plot(rows, plot_path)
 
 
