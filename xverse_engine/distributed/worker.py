@@ -88,7 +88,4 @@ def worker_main(rank: int, size: int, init_method: str, spec: RankSpec, conn, pa
         except OSError:
             pass
         os._exit(1)
-    try:
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)
+    dist.destroy_process_group()  # then a normal exit: multiprocessing's finalisers release what tqdm made

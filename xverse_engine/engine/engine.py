@@ -372,6 +372,11 @@ class Engine:
 
     # ---- tensor parallel -----------------------------------------------------------------------------
     @property
+    def tensor_parallel_size(self) -> int:
+        """tensor_parallel_size: ranks the model is split over."""
+        return self.workers.tp.size if self.workers is not None else 1
+
+    @property
     def worker_pids(self) -> list:
         """The pids of the tensor-parallel worker processes this engine started ([] when N = 1)."""
         return self.workers.worker_pids if self.workers is not None else []
