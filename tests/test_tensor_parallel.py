@@ -250,6 +250,22 @@ def test_no_orphan_workers_after_exit_or_ctrl_c(moe_ckpt, tmp_path, how):
     assert wait_gone(pids), f"orphaned worker(s) {pids} after {how}"
 
 
+def test_a_worker_that_fails_to_start_is_a_clear_error(moe_ckpt, tmp_path):
+    """The usual start-up failure: a script that builds the Engine at module level without the main guard
+    (spawned workers re-import it). The error says so, and the program ends instead of hanging."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        from xverse_engine import Engine
+        engine = Engine({str(moe_ckpt)!r}, device="cpu", kernels="torch", num_kv_blocks=64, block_size=4,
+                        max_model_len=64, show_progress=False, tensor_parallel_size=2)
+    """))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert "WorkerDiedError: tensor-parallel worker rank 1" in out.stderr
+    assert 'if __name__ == "__main__":' in out.stderr
+
+
 # ---- loader: a rank reads its share ------------------------------------------------------------------------
 
 LOAD_RANK = """

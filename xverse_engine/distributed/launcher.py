@@ -89,7 +89,9 @@ class WorkerGroup:
     def __init__(self, processes=(), pipes=()):
         self.tp = self.channel = None
         self.processes, self.pipes = list(processes), list(pipes)
-        self._state = {"between_steps": True, "stopped": False, "channel": None}
+        # between_steps: the workers wait for a step header (after start-up, between steps), so a stop
+        # message reaches them; otherwise shutdown terminates them.
+        self._state = {"between_steps": False, "stopped": False, "channel": None}
         self._finalizer = weakref.finalize(self, _stop, self.processes, self._state)
 
     def joined(self, tp, channel):
@@ -149,6 +151,9 @@ class WorkerGroup:
                 f"continue: create a new Engine")
 
     def check_alive(self):
+        if self._state["stopped"]:
+            raise WorkerDiedError("this engine's tensor-parallel workers were stopped (shutdown, or an earlier "
+                                  "failure); create a new Engine")
         for i, p in enumerate(self.processes):
             if not p.is_alive():
                 self.shutdown()
@@ -156,7 +161,9 @@ class WorkerGroup:
 
     @contextlib.contextmanager
     def step_guard(self):
-        """Marks a step in flight; turns a failed collective into WorkerDiedError naming the dead worker."""
+        """Marks collectives in flight (a step, or building the runner). If they fail, the workers are
+        stopped and a dead worker or a failed collective becomes WorkerDiedError naming it; other errors
+        (e.g. a KV cache that does not fit) pass through unchanged."""
         self._state["between_steps"] = False
         try:
             yield
@@ -166,8 +173,10 @@ class WorkerGroup:
             self.shutdown()
             if dead:
                 raise WorkerDiedError(self._death_message(dead[0], "during a step")) from error
-            raise WorkerDiedError(f"a tensor-parallel step failed ({type(error).__name__}: {error}); the workers "
-                                  f"were stopped. The engine cannot continue: create a new Engine") from error
+            if isinstance(error, dist.DistError):
+                raise WorkerDiedError(f"a tensor-parallel collective failed ({type(error).__name__}: {error}); "
+                                      f"the workers were stopped. Create a new Engine") from error
+            raise
         self._state["between_steps"] = True
 
     def shutdown(self):

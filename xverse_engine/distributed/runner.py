@@ -20,7 +20,8 @@ class DriverRunner(ModelRunner):
 
     def __init__(self, model, config, *, workers, **kwargs):
         self.workers = workers
-        super().__init__(model, per_rank_config(config, workers.tp), **kwargs)
+        with workers.step_guard():   # warm-up and graph capture run collectives with every worker
+            super().__init__(model, per_rank_config(config, workers.tp), **kwargs)
 
     def _blocks_from_free_memory(self, utilization: float) -> int:
         return self.workers.tp.min_over_ranks(super()._blocks_from_free_memory(utilization))

@@ -118,18 +118,24 @@ class Engine:
                 runner_kwargs, cpu_threads=max(1, torch.get_num_threads() // tensor_parallel_size)))
             tp = self.workers.tp
             self.device = rank_device(self.device.type, 0)
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        self.model = XverseForCausalLM(self.config, self.dtype, self.device, self.kernels, self.max_model_len, tp=tp)
-        load_weights(self.model, self.config, self.model_path, load_format, show_progress=show_progress,
-                     sharding=CheckpointSharding(self.config, tp) if tp.size > 1 else None)
-        self.load_seconds = time.perf_counter() - start
-        runner_class, extra = ModelRunner, {}
-        if self.workers is not None:
-            self.workers.wait_ready()
-            runner_class, extra = DriverRunner, {"workers": self.workers}
-        self.runner = runner_class(self.model, self.config, device=self.device, dtype=self.dtype,
-                                   kernels=self.kernels, max_model_len=self.max_model_len, **runner_kwargs, **extra)
+        try:
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            self.model = XverseForCausalLM(self.config, self.dtype, self.device, self.kernels, self.max_model_len,
+                                           tp=tp)
+            load_weights(self.model, self.config, self.model_path, load_format, show_progress=show_progress,
+                         sharding=CheckpointSharding(self.config, tp) if tp.size > 1 else None)
+            self.load_seconds = time.perf_counter() - start
+            runner_class, extra = ModelRunner, {}
+            if self.workers is not None:
+                self.workers.wait_ready()
+                runner_class, extra = DriverRunner, {"workers": self.workers}
+            self.runner = runner_class(self.model, self.config, device=self.device, dtype=self.dtype,
+                                       kernels=self.kernels, max_model_len=self.max_model_len, **runner_kwargs,
+                                       **extra)
+        except BaseException:  # a failed (or interrupted) start stops the workers it started
+            self.shutdown()
+            raise
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.rng = random.Random(seed)
