@@ -158,7 +158,11 @@ def decode_step_cost(config, weight_bytes: int, kv_bytes: int, batch: int, conte
     weights = L * layer_bytes + (V * H + H + batch * H) * weight_bytes           # + lm_head, final norm, embed rows
     kv_per_token = L * 2 * Nkv * D * kv_bytes
     kv = batch * (context_len * kv_per_token + kv_per_token)                    # read the context, write one
-    flops_per_token = 2 * (L * (attention + mlp_params_per_token) + V * H) + 4 * L * Nq * D * context_len
+    router_params = config.num_experts * H if config.is_moe else 0
+    # 2 FLOPs per weight of every matmul a token goes through (the embedding is a lookup), plus attention's
+    # QK^T and PV: 2 x 2 FLOPs per head dim per context token per head
+    flops_per_token = (2 * (L * (attention + mlp_params_per_token + router_params) + V * H)
+                       + 4 * L * Nq * D * context_len)
     return {"batch": batch, "context_len": context_len, "distinct_experts_per_layer": distinct,
             "weight_bytes_per_step": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv,
             "flops_per_step": batch * flops_per_token}
