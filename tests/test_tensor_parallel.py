@@ -340,7 +340,7 @@ def test_a_rank_loads_near_its_share_of_host_memory(tmp_path):
 
     whole, whole_bytes = peak_growth("safetensors", 0, 1)
     assert whole >= whole_bytes
-    for fmt, rank in (("safetensors", 0), ("safetensors", 1), ("pt", 1)):
+    for fmt, rank in (("safetensors", 1), ("pt", 0)):     # rank 1 reads the checkpoints' later half
         growth, share = peak_growth(fmt, rank, 2)
         assert share < 0.52 * whole_bytes
         assert growth < 0.7 * whole, f"{fmt} rank {rank}: peak RSS grew {growth / 2**20:.0f} MiB, loading the " \
