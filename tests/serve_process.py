@@ -18,6 +18,21 @@ HOST = "127.0.0.1"
 SERVER_ENV = {"OMP_NUM_THREADS": "2", "PYTHONIOENCODING": "utf-8", "PYTHONPATH": ROOT}
 
 
+def http_request(port: int, method: str, path: str, body=None, headers=None, timeout: float = 120.0):
+    """(status, parsed JSON or text) of one request; body: dict (sent as JSON), bytes, or None."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        data = response.read().decode("utf-8")
+        kind = response.getheader("Content-Type", "")
+        return response.status, (json.loads(data) if "json" in kind else data)
+    finally:
+        conn.close()
+
+
 class ServerProcess:
     def __init__(self, *args, start_timeout: float = 180.0):
         env = {**os.environ, **SERVER_ENV}
@@ -68,18 +83,7 @@ class ServerProcess:
 
     # ---- HTTP ------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 120.0):
-        """(status, parsed JSON or text) of one request; body: dict (sent as JSON), bytes, or None."""
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-        try:
-            if isinstance(body, dict):
-                body = json.dumps(body).encode()
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-            response = conn.getresponse()
-            data = response.read().decode("utf-8")
-            kind = response.getheader("Content-Type", "")
-            return response.status, (json.loads(data) if "json" in kind else data)
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers, timeout)
 
     def open_stream(self, path: str, body: dict, headers=None, timeout: float = 60.0) -> socket.socket:
         """Sends a request on a raw socket and returns it unread, so a test can read a little and hang up."""
