@@ -166,7 +166,7 @@ class InProcessServer:
         from xverse_engine.server import EngineLoop, ServerMetrics, create_app
         metrics = ServerMetrics()
         self.loop = EngineLoop(factory, max_waiting_requests=8, on_stats=metrics.observe_stats,
-                               on_finished=metrics.observe_finished)
+                               on_finished=metrics.observe_finished, on_step=metrics.observe_step)
         app = create_app(self.loop, metrics, "tiny-xverse-moe")
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
@@ -223,5 +223,34 @@ def test_a_model_that_fails_to_load_answers_503_failed():
         assert server.loop.wait_ready(30)
         assert_error(server.request("GET", "/health"), 503, code="not_ready", text="failed")
         assert_error(server.request("POST", "/v1/completions", completion()), 503, text="failed")
+    finally:
+        server.stop()
+
+
+def test_an_engine_failure_fails_the_requests_in_flight_not_the_server():
+    from xverse_engine import Engine
+
+    class FailsOnce(Engine):
+        failed = False
+
+        def step(self):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("injected fault")
+            return super().step()
+
+    server = InProcessServer(lambda: FailsOnce(device="cpu", show_progress=False))
+    try:
+        assert server.loop.wait_ready(120)
+        assert_error(server.request("POST", "/v1/completions", completion()), 500, code="engine_error",
+                     text="injected fault")
+        assert server.request("GET", "/health")[0] == 200
+        status, body = server.request("POST", "/v1/completions", completion())
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+        deadline = time.monotonic() + 30      # the stats are published right after the step that finished it
+        while not (stats := server.loop.stats())["kv_blocks_free"] == stats["kv_blocks_total"]:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        assert stats["running"] == stats["waiting"] == 0
     finally:
         server.stop()

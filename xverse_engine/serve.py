@@ -134,7 +134,7 @@ def run(args) -> int:
 
     loop = EngineLoop(engine_factory(args, model_path), max_waiting_requests=args.max_waiting_requests,
                       on_stats=metrics.observe_stats, on_finished=metrics.observe_finished,
-                      on_load_failure=stop_on_load_failure)
+                      on_step=metrics.observe_step, on_load_failure=stop_on_load_failure)
     app = create_app(loop, metrics, name, api_key=args.api_key)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5)

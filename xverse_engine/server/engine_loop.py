@@ -8,6 +8,7 @@ bounded because admission is refused (ServerBusy -> 503) once too many requests 
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -127,17 +128,18 @@ class _Tracked:
 
 class EngineLoop:
     """Owns the Engine on one thread. `engine_factory` builds it there (so the server answers 503 while a
-    large checkpoint loads). `on_stats(stats)` and `on_finished(output)` feed the metrics; `on_load_failure(e)`
-    lets the server stop."""
+    large checkpoint loads). `on_stats(stats)`, `on_finished(output)` and `on_step(seconds in Engine.step)` feed
+    the metrics; `on_load_failure(error)` lets the server stop."""
 
-    def __init__(self, engine_factory: Callable, *, max_waiting_requests: int = 512,
-                 on_stats: Callable = None, on_finished: Callable = None, on_load_failure: Callable = None):
+    def __init__(self, engine_factory: Callable, *, max_waiting_requests: int = 512, on_stats: Callable = None,
+                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         self.max_waiting_requests = max_waiting_requests
         self._factory = engine_factory
         self._on_stats = on_stats or (lambda stats: None)
         self._on_finished = on_finished or (lambda output: None)
+        self._on_step = on_step or (lambda seconds: None)
         self._on_load_failure = on_load_failure or (lambda error: None)
         self.engine = None
         self.load_error: Optional[BaseException] = None
@@ -225,13 +227,19 @@ class EngineLoop:
         with self._cond:
             self._ready = True
             self._cond.notify_all()
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._inbox or self._stopping or engine.has_unfinished())
-                commands, self._inbox = self._inbox, []
-                self._engine_waiting += self._inbox_requests   # they wait in the engine now
-                self._inbox_requests = 0
-                stopping = self._stopping
+        while self._iterate(engine):
+            pass
+
+    def _iterate(self, engine) -> bool:
+        """Takes the inbox, then runs one step if there is work; False once stopped. An error fails the requests
+        in flight, not the server."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._inbox or self._stopping or engine.has_unfinished())
+            commands, self._inbox = self._inbox, []
+            self._engine_waiting += self._inbox_requests   # they wait in the engine now
+            self._inbox_requests = 0
+            stopping = self._stopping
+        try:
             for kind, group in commands:
                 if kind == "add":
                     self._add(engine, group)
@@ -241,16 +249,17 @@ class EngineLoop:
                 for group in {t.group for t in self._tracked.values()}:
                     self._abort(engine, group)
                 self._publish_stats()
-                return
+                return False
             if engine.has_unfinished():
-                try:
-                    touched = engine.step()
-                except Exception as error:  # noqa: BLE001 (fail the requests in flight, keep serving)
-                    logger.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(engine, f"the engine failed: {error}")
-                    continue
+                start = time.perf_counter()
+                touched = engine.step()
+                self._on_step(time.perf_counter() - start)
                 self._deliver(engine, touched)
             self._publish_stats()
+        except Exception as error:  # noqa: BLE001 (fail the requests in flight, keep serving)
+            logger.exception("the engine failed; failing the requests in flight")
+            self._fail_all(engine, f"the engine failed: {error}")
+        return True
 
     def _add(self, engine, group: RequestGroup):
         for index, (prompt_token_ids, params) in enumerate(group.inputs):

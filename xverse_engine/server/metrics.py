@@ -35,6 +35,9 @@ class ServerMetrics:
         self.kv_blocks_total = Gauge("xverse_kv_cache_blocks_total", "KV-cache blocks", registry=r)
         self.prefix_hit_rate = Gauge("xverse_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache",
                                      registry=r)
+        self.step_seconds = Counter("xverse_engine_step_seconds", "Time the engine thread spent in Engine.step",
+                                    registry=r)
+        self.steps = Counter("xverse_engine_steps", "Engine steps run", registry=r)
         self.preemptions = Gauge("xverse_num_preemptions", "Requests preempted so far", registry=r)
 
     def observe_stats(self, stats: dict):
@@ -46,6 +49,10 @@ class ServerMetrics:
         self.kv_blocks_total.set(stats["kv_blocks_total"])
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
         self.preemptions.set(stats["num_preemptions"])
+
+    def observe_step(self, seconds: float):
+        self.step_seconds.inc(seconds)
+        self.steps.inc()
 
     def observe_finished(self, output):
         """A finished RequestOutput (engine thread)."""
