@@ -66,6 +66,9 @@ class EventStreamResponse(StreamingResponse):
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if producer.done() and not producer.cancelled() and producer.exception() is not None \
+                    and not isinstance(producer.exception(), OSError):   # OSError: the client went away
+                logger.error("a stream failed", exc_info=producer.exception())
         finally:
             for task in (producer, watcher):
                 task.cancel()

@@ -47,20 +47,25 @@ class _SamplingFields(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
     user: Optional[str] = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(0.0, ge=-2, le=2)
     logit_bias: Optional[dict] = None
     # extras, as vLLM accepts them
     top_k: Optional[int] = Field(None, ge=-1)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
-    ignore_eos: bool = False
+    ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[int]] = None
+
+    def model_post_init(self, context):
+        """An explicit null means the default, as clients that send every field expect."""
+        self.n = 1 if self.n is None else self.n
+        self.stream, self.ignore_eos = bool(self.stream), bool(self.ignore_eos)
 
     def check_supported(self):
         for name in ("presence_penalty", "frequency_penalty"):
@@ -93,7 +98,7 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     prompt: Any = None       # str | list[str] | list[int] | list[list[int]], checked in prompts()
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: Optional[bool] = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -145,7 +150,7 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     def check_supported(self):
