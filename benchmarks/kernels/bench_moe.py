@@ -18,6 +18,7 @@ measured bf16 matmul peak, both measured in the same run (benchmarks/common.py).
 """
 import argparse
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,13 @@ from xverse_engine.ops import moe
 GPU_TOKENS = [1, 8, 32, 64, 256, 1024, 4096]
 CPU_TOKENS = [1, 8, 32, 64]
 DECODE_TOKENS = [1, 4, 16, 64]
+# Largest |ours - per-expert loop| allowed, relative to the largest |output|: fp32 differs only by summation
+# order; bf16 (u = 2^-8) by the activation rounded between the GEMMs and the output's rounding (4u).
+MAX_RELATIVE_DIFF = {torch.float32: 1e-4, torch.float16: 4 * 2.0 ** -11, torch.bfloat16: 4 * 2.0 ** -8}
+
+
+class KernelCheckFailed(RuntimeError):
+    """A kernel of ours gave a wrong result: the benchmark must not publish its timing."""
 
 
 # ---- the block three ways ----------------------------------------------------------------------------
@@ -104,15 +112,22 @@ def bench_tokens(num_tokens, weights, args, device, roof, kernels):
     methods = {"ours": ours(kernels), "per_expert_loop": per_expert_loop}
     if grouped_mm_fn() is not None:
         methods["torch_grouped_mm"] = torch_grouped
+    expected = per_expert_loop(x, router, w13, w2, args.top_k).float()
+    scale = expected.abs().max().item()
     rows = []
     for name, fn in methods.items():
         row = {"tokens": num_tokens, "method": name, "distinct_experts": distinct, "bytes": nbytes, "flops": flops}
         try:
-            stats = time_fn(lambda: fn(x, router, w13, w2, args.top_k), device, args.warmup, args.iters)
+            out = fn(x, router, w13, w2, args.top_k)
         except (RuntimeError, TypeError, NotImplementedError) as error:  # e.g. grouped_mm's dtype/shape limits
+            if name == "ours":
+                raise   # our kernel crashing is a failure, not a row
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
             rows.append(row)
             continue
+        row["max_rel_diff"] = (out.float() - expected).abs().max().item() / max(scale, 1e-30)
+        row["ok"] = bool(row["max_rel_diff"] <= MAX_RELATIVE_DIFF[x.dtype])   # NaN fails too
+        stats = time_fn(lambda: fn(x, router, w13, w2, args.top_k), device, args.warmup, args.iters)
         us = stats["median_us"]
         row.update(us=us, min_us=stats["min_us"], tb_s=nbytes / (us * 1e-6) / 1e12,
                    tflop_s=flops / (us * 1e-6) / 1e12)
@@ -177,13 +192,19 @@ def bench_decode_gemm(num_tokens, args, device, roof, kernels, hidden, inter, dt
                                 distinct * hidden * inter * elem + pairs * inter * elem + pairs * hidden * 4
                                 + num_tokens * hidden * elem),
     }
+    # each stage's output against its pure-PyTorch twin on the same layout (a wrong kernel publishes no timing)
+    expected = {"decode:gate_up": moe.moe_gate_up_torch(x, w13, *layout, pairs_per_token, block_m),
+                "decode:down_combine": moe.moe_down_combine_torch(act, w2, *layout, weights, None, block_m)}
     rows = []
     for name, (fn, nbytes) in stages.items():
+        out, ref = fn().float(), expected[name].float()
+        max_rel_diff = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
         stats = time_fn(fn, device, args.warmup, args.iters)
         us = stats["median_us"]
         rows.append({"tokens": num_tokens, "method": name, "block_m": block_m, "distinct_experts": distinct,
                      "bytes": nbytes, "us": us, "min_us": stats["min_us"], "gb_s": nbytes / (us * 1e-6) / 1e9,
-                     "frac_hbm": nbytes / (us * 1e-6) / roof["bandwidth_bytes_s"]})
+                     "frac_hbm": nbytes / (us * 1e-6) / roof["bandwidth_bytes_s"], "max_rel_diff": max_rel_diff,
+                     "ok": bool(max_rel_diff <= MAX_RELATIVE_DIFF[dtype])})
     return rows
 
 
@@ -225,6 +246,14 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def check_results(rows):
+    """Raises KernelCheckFailed naming every (tokens, method) whose output is off the per-expert loop."""
+    wrong = [f"T={r['tokens']} {r['method']}: max relative diff {r['max_rel_diff']:.2e}"
+             for r in rows if r.get("ok") is False]
+    if wrong:
+        raise KernelCheckFailed("wrong results (timings not to be trusted): " + "; ".join(wrong))
 
 
 def main(argv=None):
@@ -271,7 +300,8 @@ def main(argv=None):
             rows += bench_tokens(num_tokens, (router, w13, w2), args, device, roof, kernels)
         columns = [("tokens", "T", "{}"), ("method", "method", "{}"), ("distinct_experts", "experts", "{}"),
                    ("us", "us", "{:.1f}"), ("tb_s", "TB/s", "{:.4g}"), ("frac_hbm", "%HBM", "{:.1%}"),
-                   ("tflop_s", "TFLOP/s", "{:.4g}"), ("frac_peak", "%peak", "{:.1%}"), ("error", "error", "{}")]
+                   ("tflop_s", "TFLOP/s", "{:.4g}"), ("frac_peak", "%peak", "{:.1%}"),
+                   ("max_rel_diff", "rel diff", "{:.1e}"), ("error", "error", "{}")]
         print_table(rows, columns)
     if "decode" in args.sections:
         decode_rows = []
@@ -281,7 +311,8 @@ def main(argv=None):
               f"token){'' if on_gpu else ' -- CPU: shape coverage only, not a GPU number'}")
         print_table(decode_rows, [("tokens", "T", "{}"), ("method", "stage", "{}"),
                                   ("distinct_experts", "experts", "{}"), ("bytes", "bytes", "{:.3g}"),
-                                  ("us", "us", "{:.1f}"), ("gb_s", "GB/s", "{:.1f}"), ("frac_hbm", "%peak BW", "{:.1%}")])
+                                  ("us", "us", "{:.1f}"), ("gb_s", "GB/s", "{:.1f}"), ("frac_hbm", "%peak BW", "{:.1%}"),
+                                  ("max_rel_diff", "rel diff", "{:.1e}")])
         rows += decode_rows
     payload = {"benchmark": "moe", "machine": machine_info(device), "roofline": roof, "kernels": kernels,
                "shape": {"experts": args.experts, "top_k": args.top_k, "hidden": hidden, "inter": inter,
@@ -290,7 +321,13 @@ def main(argv=None):
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if plot_path and "block" in args.sections:  # the plot shows the block section
         plot(rows, plot_path)
+    check_results(rows)
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KernelCheckFailed as failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        sys.exit(1)

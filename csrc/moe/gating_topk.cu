@@ -204,10 +204,9 @@ std::tuple<at::Tensor, at::Tensor> gating_topk_cuda(const at::Tensor& hidden, co
     const bool vec = hidden_size % 4 == 0 && moe::is_aligned(x.data_ptr(), 4 * sizeof(scalar_t)) &&
                      moe::is_aligned(w.data_ptr(), 16);
     auto kernel = vec ? gating_topk_kernel<scalar_t, true> : gating_topk_kernel<scalar_t, false>;
-    launch_kernel(kernel, grid, dim3(kThreads), 0, stream, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
-                  static_cast<const float*>(w.data_ptr<float>()), weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
-                  num_tokens, static_cast<int>(hidden_size), static_cast<int>(num_experts), static_cast<int>(top_k),
-                  static_cast<int>(num_shared));
+    launch_kernel(kernel, grid, kThreads, 0, stream, x.data_ptr<scalar_t>(), w.data_ptr<float>(),
+                  weights.data_ptr<float>(), ids.data_ptr<int32_t>(), num_tokens, static_cast<int>(hidden_size),
+                  static_cast<int>(num_experts), static_cast<int>(top_k), static_cast<int>(num_shared));
   });
   return {weights, ids};
 }

@@ -62,8 +62,10 @@ struct GemmArgs {
 
 // Copies 16 bytes to shared memory, or zero-fills them without reading (invalid: padding / past the end).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-  ptx::cp_async_16(smem_dst, gmem_src, valid ? 16 : 0);
+  ptx::cp_async_16(smem_dst, gmem_src, valid ? 16 : 0);  // 0: the 16 bytes are zero-filled, nothing is read
 }
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
 
 // d += a (16x16, row) * b (16x8, col), fp32 accumulate.
 template <typename scalar_t>
@@ -110,7 +112,7 @@ __device__ __forceinline__ int fragment_row(int wn, int f) {
 
 template <typename Cfg, typename scalar_t, bool kGateUp>
 __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_mma_kernel(const GemmArgs args) {
-  extern __shared__ __align__(16) uint16_t smem[];
+  XVERSE_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* smem_a = smem;                                 // [STAGES][BM][LDS]
   uint16_t* smem_b = smem + Cfg::STAGES * Cfg::A_STAGE;    // [STAGES][BNW][LDS]
   __shared__ int64_t row_src[Cfg::BM];  // A row for each tile row (token for gate_up, pair for down), -1: padding
@@ -318,8 +320,7 @@ template <typename Cfg, typename scalar_t, bool kGateUp>
 void launch_mma(const GemmArgs& args, int64_t num_blocks, cudaStream_t stream) {
   const int64_t cols_per_cta = kGateUp ? Cfg::BNW / 2 : Cfg::BNW;
   const dim3 grid(static_cast<unsigned>(num_blocks), static_cast<unsigned>(moe::ceil_div(args.N, cols_per_cta)));
-  launch_kernel(grouped_gemm_mma_kernel<Cfg, scalar_t, kGateUp>, grid, dim3(Cfg::THREADS), Cfg::SMEM_BYTES, stream,
-                args);
+  launch_kernel(grouped_gemm_mma_kernel<Cfg, scalar_t, kGateUp>, grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream, args);
 }
 
 // Picks the kernel: tensor cores when the dtype, alignment and block_m allow, else SIMT.
@@ -345,7 +346,7 @@ void launch_grouped_gemm(const GemmArgs& args, int64_t num_blocks, bool aligned,
   }
   const dim3 grid(static_cast<unsigned>(num_blocks * args.block_m),
                   static_cast<unsigned>(moe::ceil_div(args.N, kSimtThreads)));
-  launch_kernel(grouped_gemm_simt_kernel<scalar_t, kGateUp>, grid, dim3(kSimtThreads), 0, stream, args);
+  launch_kernel(grouped_gemm_simt_kernel<scalar_t, kGateUp>, grid, kSimtThreads, 0, stream, args);
 }
 
 }  // namespace
@@ -413,9 +414,8 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
   XVERSE_DISPATCH_MOE_TYPES(act.scalar_type(), "moe_down_combine_cuda", [&] {
     launch_grouped_gemm<scalar_t, false>(args, block_expert_ids.numel(), aligned, stream);
     const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(moe::ceil_div(hidden, kCombineThreads)));
-    launch_kernel(combine_kernel<scalar_t>, grid, dim3(kCombineThreads), 0, stream,
-                  static_cast<const float*>(down.data_ptr<float>()), static_cast<const float*>(weights.data_ptr<float>()),
-                  static_cast<const float*>(shared.defined() ? shared.data_ptr<float>() : nullptr),
+    launch_kernel(combine_kernel<scalar_t>, grid, kCombineThreads, 0, stream, down.data_ptr<float>(),
+                  weights.data_ptr<float>(), shared.defined() ? shared.data_ptr<float>() : nullptr,
                   out.data_ptr<scalar_t>(), static_cast<int>(top_k), static_cast<int>(hidden));
   });
   return out;

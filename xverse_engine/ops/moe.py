@@ -62,20 +62,27 @@ def gating_topk_torch(hidden, router_weight, top_k: int, num_shared: int = 0):
 
 def moe_align_torch(topk_ids, num_experts: int, block_m: int, token_mask=None):
     # topk_ids: [T, k] -> sorted_pair_ids [max_blocks * block_m], block_expert_ids [max_blocks], num_padded [1]
-    # token_mask: [T] bool or None; the pairs of a token whose mask is False are left out of the layout
+    # An id of -1 marks a pair whose expert lives on another tensor-parallel rank: it is placed nowhere,
+    # so the GEMMs skip it and its rows stay 0. Any other id outside [0, num_experts) is an error.
+    # token_mask: [T] bool or None; the pairs of a token whose mask is False are left out of the layout too
     # (graph padding rows route to no expert), as if they were not there.
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     max_blocks = max_padded_blocks(num_pairs, num_experts, block_m)
     expert_of_pair = topk_ids.reshape(-1).long()                              # [P]
-    if token_mask is not None:  # masked pairs go to an extra expert E that gets no group
-        pair_mask = token_mask.reshape(-1, 1).expand(topk_ids.shape).reshape(-1)
-        expert_of_pair = torch.where(pair_mask, expert_of_pair, num_experts)
-    counts = torch.bincount(expert_of_pair, minlength=num_experts + 1)[:num_experts]  # [E]
+    bad = (expert_of_pair < -1) | (expert_of_pair >= num_experts)
+    if bad.any():
+        p = int(bad.nonzero()[0])
+        raise RuntimeError(f"moe_align: topk_ids[{p}] = {int(expert_of_pair[p])} is outside [0, {num_experts}) "
+                           f"(-1 alone marks another rank's expert)")
+    kept = expert_of_pair >= 0
+    if token_mask is not None:
+        kept &= token_mask.reshape(-1, 1).expand(topk_ids.shape).reshape(-1)
+    local = kept.nonzero().squeeze(1)                                        # [P_local] pairs to place
+    counts = torch.bincount(expert_of_pair[local], minlength=num_experts)   # [E]
     padded = (counts + block_m - 1) // block_m * block_m                     # [E]
     group_start = torch.cumsum(padded, 0) - padded                           # [E]
-    order = torch.sort(expert_of_pair, stable=True).indices                  # pair ids, grouped by expert
-    order = order[: int(counts.sum())]                                       # masked pairs sort last: dropped
+    order = local[torch.sort(expert_of_pair[local], stable=True).indices]   # local pair ids, grouped by expert
     expert_sorted = expert_of_pair[order]
     rank_in_group = torch.arange(order.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[expert_sorted]
     sorted_pair_ids = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
@@ -142,17 +149,33 @@ def op(name: str, kernels: str):
     return getattr(torch.ops.xverse, name)
 
 
+def local_expert_ids(topk_ids, first_expert: int, num_local: int):
+    """Expert parallelism: global ids [T, k] -> this rank's local ids, -1 where the expert lives on another
+    rank (moe_align skips -1, so those pairs are never computed here)."""
+    local = topk_ids - first_expert
+    return torch.where((local >= 0) & (local < num_local), local, torch.full_like(local, -1))
+
+
 def fused_moe(x, router_weight, w13, w2, top_k: int, shared_out=None, kernels: str = "torch",
-              num_shared: int = 0, token_mask=None):
+              first_expert: int = 0, num_shared: int = 0, token_mask=None):
     """One MoE block: the routed experts, the S = num_shared shared experts stacked after them in w13 / w2
     (each picked by every token with weight 1.0), plus `shared_out` (if given) added at the end.
-    x: [T, H]  router_weight: [E, H] fp32  w13: [E+S, 2I, H]  w2: [E+S, H, I]  shared_out: [T, H]
-    token_mask: [T] bool or None (False: a padding row, routed nowhere; its output row is 0)  ->  [T, H]"""
-    num_experts = router_weight.shape[0] + num_shared
+    x: [T, H]  router_weight: [E, H] fp32  w13: [E_local + S, 2I, H]  w2: [E_local + S, H, I]
+    shared_out: [T, H]  token_mask: [T] bool or None (False: a padding row, routed nowhere; its output is 0)
+    -> [T, H]. Under expert parallelism w13/w2 hold experts [first_expert, first_expert + E_local) only and
+    the result is this rank's partial sum (pairs of other ranks' experts contribute 0); shared experts are
+    folded into the stack only without it (S = 0 there)."""
+    num_experts = router_weight.shape[0]
+    num_local = w13.shape[0] - num_shared
+    if num_shared and num_local != num_experts:
+        raise ValueError(f"fused_moe: shared experts fold into the stack only without expert parallelism "
+                         f"(w13 holds {num_local} routed experts of {num_experts})")
     pairs_per_token = top_k + num_shared
-    block_m = choose_block_m(x.shape[0] * pairs_per_token, num_experts)
+    block_m = choose_block_m(x.shape[0] * pairs_per_token, num_experts + num_shared)
     weights, ids = op("gating_topk", kernels)(x, router_weight, top_k, num_shared)
-    sorted_ids, block_ids, num_padded = op("moe_align", kernels)(ids, num_experts, block_m, token_mask)
+    if num_local != num_experts:
+        ids = local_expert_ids(ids, first_expert, num_local)
+    sorted_ids, block_ids, num_padded = op("moe_align", kernels)(ids, num_local + num_shared, block_m, token_mask)
     act = op("moe_gate_up", kernels)(x, w13, sorted_ids, block_ids, num_padded, pairs_per_token, block_m)
     return op("moe_down_combine", kernels)(act, w2, sorted_ids, block_ids, num_padded, weights, shared_out,
                                            block_m)
