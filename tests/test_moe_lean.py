@@ -115,19 +115,24 @@ def test_pairs_missing_from_the_layout_give_zero_rows(device, dtype, num_tokens)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_shared_out_is_added_in_fp32(device):
-    """shared_out in fp32 with bf16 activations: added before the one rounding to bf16, as the twin does."""
-    num_tokens, num_experts, top_k, hidden, inter = 5, 8, 2, 64, 32
-    router, w13, w2 = block(num_experts, 0, hidden, inter, torch.bfloat16, device)
-    x = randn(num_tokens, hidden, dtype=torch.bfloat16, device=device, seed=3)
-    weights, ids = torch.ops.xverse.gating_topk(x, router, top_k)
-    layout = torch.ops.xverse.moe_align(ids, num_experts, 8)
-    act = torch.ops.xverse.moe_gate_up(x, w13, *layout, top_k, 8)
-    # values that bf16 cannot hold: rounding them first would change the sum
-    shared = randn(num_tokens, hidden, device=device, seed=9) + 1.0 + 1e-3
-    out = torch.ops.xverse.moe_down_combine(act, w2, *layout, weights, shared, 8)
-    ref = moe.moe_down_combine_torch(act, w2, *layout, weights, shared, 8)
+@pytest.mark.parametrize("block_m", [8, 16])
+def test_shared_out_is_added_in_fp32(device, block_m):
+    """shared_out in fp32 with bf16 activations is added before the one rounding to bf16, as the twin does.
+    Small integers for act and w2 and weights of 1/2, 1/4 make the routed sum exact in any order, so the
+    output equals the twin's bit for bit, and differs from adding a bf16-rounded shared_out."""
+    num_tokens, num_experts, top_k, hidden, inter = 3, 8, 2, 40, 24
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k, dim=1).indices.int().to(device)
+    layout = torch.ops.xverse.moe_align(ids, num_experts, block_m)
+    act = torch.randint(-2, 3, (num_tokens * top_k, inter), generator=gen).to(torch.bfloat16).to(device)
+    w2 = torch.randint(-2, 3, (num_experts, hidden, inter), generator=gen).to(torch.bfloat16).to(device)
+    weights = torch.tensor([[0.5, 0.25]] * num_tokens, device=device)
+    shared = randn(num_tokens, hidden, device=device, seed=9) + 1.0 + 1e-3  # bf16 cannot hold these
+    out = torch.ops.xverse.moe_down_combine(act, w2, *layout, weights, shared, block_m)
+    ref = moe.moe_down_combine_torch(act, w2, *layout, weights, shared, block_m)
     torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), rtol=0, atol=0)
+    rounded_first = moe.moe_down_combine_torch(act, w2, *layout, weights, shared.bfloat16(), block_m)
+    assert not torch.equal(rounded_first, ref), "the case must tell fp32 from bf16 addition apart"
 
 
 # ---- the folded shared experts equal a separate shared MLP ---------------------------------------------------

@@ -8,7 +8,7 @@ class RMSNorm(nn.Module):
     """RMSNorm as the model's code: normalise in fp32, cast back to the activation dtype, then scale.
 
     Called as `x, residual = norm(x, residual)`: the residual stream absorbs x first (the decoder layer's
-    skip connection), then x becomes the normalised stream. Lean: one fused op, in place on both tensors;
+    skip connection), then x becomes the normalised stream. `norm(x)` alone returns the normalised x. Lean: one fused op, in place on both tensors;
     otherwise the add and the norm run as separate PyTorch ops (the unfused baseline).
     """
 
@@ -19,8 +19,10 @@ class RMSNorm(nn.Module):
         self.kernels = kernels
         self.lean = lean
 
-    def forward(self, x, residual):
-        # x, residual: [T, H] -> (normalised x, updated residual)
+    def forward(self, x, residual=None):
+        # x, residual: [T, H] -> (normalised x, updated residual); without a residual: the normalised x alone
+        if residual is None:
+            return rms_norm_torch(x, self.weight, self.eps)
         if self.lean:
             return add_rmsnorm(x, residual, self.weight, self.eps, kernels=self.kernels)
         residual = x + residual
