@@ -15,7 +15,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)   # identity: `seq in running` and list.remove must not compare fields
 class Sequence:
     request_id: int
     prompt: Optional[str]
