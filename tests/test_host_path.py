@@ -43,3 +43,9 @@ def test_seed_outside_int64_works_and_spares_the_batch(moe_ckpt, seed):
     assert [o.finish_reason for o in outs] == ["length", "length"]
     again = engine.generate(prompt_token_ids=prompts[1:], sampling_params=sampled)[0]
     assert again.token_ids == outs[1].token_ids        # still a seed: the same tokens every time
+
+
+def test_seed_folding_keeps_int64_seeds_and_wraps_the_rest():
+    from xverse_engine.sampling_params import seed_as_int64
+    assert [seed_as_int64(s) for s in (0, 5, -7, 2 ** 63 - 1, -(2 ** 63))] == [0, 5, -7, 2 ** 63 - 1, -(2 ** 63)]
+    assert seed_as_int64(2 ** 63) == -(2 ** 63) and seed_as_int64(2 ** 64 + 5) == 5

@@ -12,7 +12,7 @@ from ..config import ModelConfig, load_generation_config, resolve_model_path
 from ..loader import LOAD_FORMATS, load_weights
 from ..model import XverseForCausalLM
 from ..ops import resolve_kernels
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, seed_as_int64
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import OutputText
@@ -160,7 +160,7 @@ class Engine:
                                f"leaves no room to generate; shorten the prompt or raise max_model_len")
         request_id = self._next_request_id
         self._next_request_id += 1
-        seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        seed = seed_as_int64(params.seed) if params.seed is not None else self.rng.getrandbits(63)
         seq = Sequence(request_id, prompt, prompt_token_ids, params, seed,
                        max_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_new_tokens))
         self._requests[request_id] = Request(seq, OutputText(self.tokenizer, params.stop, prompt_token_ids),
