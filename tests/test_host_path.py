@@ -49,3 +49,49 @@ def test_seed_folding_keeps_int64_seeds_and_wraps_the_rest():
     from xverse_engine.sampling_params import seed_as_int64
     assert [seed_as_int64(s) for s in (0, 5, -7, 2 ** 63 - 1, -(2 ** 63))] == [0, 5, -7, 2 ** 63 - 1, -(2 ** 63)]
     assert seed_as_int64(2 ** 63) == -(2 ** 63) and seed_as_int64(2 ** 64 + 5) == 5
+
+
+# ---- defect 4: reusing cached blocks costs the same however long the free list is ----------------------
+
+def _seconds_to_admit_cached_prefix(num_blocks: int, prefix_tokens: int = 1920, block_size: int = 16) -> float:
+    import time
+
+    from xverse_engine.engine.block_manager import BlockManager
+    manager = BlockManager(num_blocks, block_size)
+    prompt = [(7 * j) % 500 + 6 for j in range(prefix_tokens)]
+    first = Sequence(0, None, prompt + [1], GREEDY, seed=0, max_tokens=4096)
+    manager.allocate(first)
+    first.num_computed_tokens = first.num_tokens
+    manager.register_computed_blocks(first)
+    manager.free(first)                       # its blocks wait, still findable, at the back of the free list
+    best = float("inf")
+    for _ in range(5):
+        again = Sequence(1, None, prompt + [2], GREEDY, seed=0, max_tokens=4096)
+        start = time.perf_counter()
+        manager.allocate(again)
+        best = min(best, time.perf_counter() - start)
+        assert again.num_cached_prompt_tokens == prefix_tokens
+        manager.free(again)
+    return best
+
+
+def test_prefix_reuse_does_not_scan_the_free_list():
+    small, large = _seconds_to_admit_cached_prefix(200), _seconds_to_admit_cached_prefix(20000)
+    assert large < 5 * small + 1e-4, (small, large)   # O(free blocks) took ~50x here
+
+
+# ---- defect 9: a prefix-cache hit verifies the whole chain, so a hash collision cannot leak KV ---------
+
+def test_hash_collision_never_hands_out_another_requests_kv(moe_ckpt, monkeypatch):
+    from xverse_engine.engine import block_manager
+    x, y, z = [11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33]
+    params = SamplingParams(max_new_tokens=5, temperature=0, repetition_penalty=1.0, ignore_eos=True)
+    expected = make_engine(moe_ckpt, enable_prefix_caching=False).generate(
+        prompt_token_ids=[y + z], sampling_params=params)[0].token_ids
+    monkeypatch.setattr(block_manager, "chain_hash", lambda tokens, previous: 0)   # every key collides
+    engine = make_engine(moe_ckpt)
+    engine.generate(prompt_token_ids=[x + y + [40]], sampling_params=SamplingParams(
+        max_new_tokens=1, temperature=0, ignore_eos=True))   # caches block y, computed after x
+    out = engine.generate(prompt_token_ids=[y + z], sampling_params=params)[0]
+    assert out.metrics.num_cached_prompt_tokens == 0      # y after nothing is not y after x
+    assert out.token_ids == expected
