@@ -114,11 +114,12 @@ class BlockManager:
         seq.num_hashed_blocks = num_cached // self.block_size
 
     def register_computed_blocks(self, seq: Sequence):
-        """After a step wrote KV: blocks that are now full become findable by content. Only computed blocks
-        are registered, so no reader can find a block whose KV is not yet written."""
-        if not self.enable_prefix_caching:
+        """After a step is launched: blocks that are now full become findable by content. Only blocks whose
+        KV a launched step writes are registered (a later reader runs after it on the same stream), and only
+        once all their tokens are known on the host (not pending)."""
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        if num_full <= seq.num_hashed_blocks or not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, num_full):
             parent = self.blocks[seq.block_table[i - 1]] if i > 0 else None
             block = self.blocks[seq.block_table[i]]
