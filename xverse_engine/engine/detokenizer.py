@@ -28,11 +28,8 @@ class OutputText:
         self.keep = max((len(s) for s in self.stop), default=1) - 1   # old characters a stop match may span
         self.tail = ""           # the last `keep` characters of the text
         self.stopped = False
-
-    @property
-    def checks_stops(self) -> bool:
-        """Must see every token as it arrives (to stop on time); otherwise decoding waits for a reader."""
-        return bool(self.stop) and self.tokenizer is not None
+        # must see every token as it arrives (to stop on time); otherwise decoding waits for a reader
+        self.checks_stops = bool(self.stop) and tokenizer is not None
 
     def add(self, token_id: int) -> bool:
         """Adds a token (when no source list was given); True once a stop string completed."""

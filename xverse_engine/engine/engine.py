@@ -207,7 +207,7 @@ class Engine:
             self.runner.release(seq)
         launched = None
         if scheduled:
-            launched = self.runner.execute(scheduled)
+            launched = self.runner.run(scheduled)
             register = self.block_manager.register_computed_blocks
             for item in scheduled:
                 if item.num_new_tokens > 1:   # prompt chunks: their tokens are known, their blocks findable now
@@ -231,12 +231,13 @@ class Engine:
         touched = []
         requests = self._requests
         register = self.block_manager.register_computed_blocks
-        for i, seq in enumerate(output.seqs):
+        block_size = self.block_manager.block_size
+        for i, (seq, token) in enumerate(zip(output.seqs, tokens)):
             if seq.status is SequenceStatus.FINISHED:
                 continue        # stopped or aborted while this step ran: its token is dropped
-            token = tokens[i]
             seq.num_pending -= 1
-            seq.token_ids.append(token)
+            token_ids = seq.token_ids
+            token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if logprobs is not None and logprobs[i] is not None:
@@ -246,10 +247,10 @@ class Engine:
                 self._finish(seq, "stop")
             elif token in request.stop_token_ids:
                 self._finish(seq, "stop")
-            elif len(seq.token_ids) >= seq.max_tokens:
+            elif len(token_ids) >= seq.max_tokens:
                 self._finish(seq, "length")
-            else:
-                register(seq)
+            elif len(token_ids) // block_size > seq.num_hashed_blocks:
+                register(seq)     # a block of known tokens filled up: findable by later prompts
             touched.append(seq.request_id)
         self.num_generated_tokens += len(touched)
         return touched

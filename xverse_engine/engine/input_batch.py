@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..layers.attention import AttentionMetadata
-from ..layers.sampler import SamplingBatch
+from ..layers.sampler import SamplingBatch, row_keys
 
 
 @dataclass
@@ -26,7 +26,7 @@ class StepInputs:
     input_ids: torch.Tensor          # [T] int64
     positions: torch.Tensor          # [T] int64
     meta: AttentionMetadata
-    sample_rows: Optional[torch.Tensor]  # [S] int64: index into T of each sampling sequence's last token; None: all
+    sample_rows: torch.Tensor        # [S] int64: index into T of each sampling sequence's last token
     sampling: Optional[SamplingBatch]    # None when no sequence samples
     sampling_seqs: list              # the S sequences, in the order of the sampled ids
     batch_rows: Optional[torch.Tensor]   # [S] int64: their rows (for the penalty mask update)
@@ -97,32 +97,37 @@ class InputBatch:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def prepare(self, scheduled) -> StepInputs:
-        rows, starts, counts, samples, host_ids = [], [], [], [], []
+        rows, starts, counts, host_ids, sample_flags = [], [], [], [], []
         sampling_seqs, pending_at, pending_from = [], [], []
+        add_row, add_start, add_count, add_id, add_flag = (rows.append, starts.append, counts.append,
+                                                           host_ids.append, sample_flags.append)
         total = 0
-        for item in scheduled:
+        for item in scheduled:   # the only per-sequence Python of the step's inputs: keep it lean
             seq = item.seq
-            if seq.row < 0:
+            row = seq.row
+            if row < 0:
                 self.add(seq)
+                row = seq.row
             elif len(seq.block_table) != seq.num_synced_blocks:
-                self.block_table[seq.row, seq.num_synced_blocks:len(seq.block_table)] = \
+                self.block_table[row, seq.num_synced_blocks:len(seq.block_table)] = \
                     seq.block_table[seq.num_synced_blocks:]
                 seq.num_synced_blocks = len(seq.block_table)
             start, n = item.start, item.num_new_tokens
-            rows.append(seq.row)
-            starts.append(start)
-            counts.append(n)
-            if start + n <= len(seq.token_ids):
+            add_row(row)
+            add_start(start)
+            add_count(n)
+            token_ids = seq.token_ids
+            if start + n <= len(token_ids):
                 if n == 1:
-                    host_ids.append(seq.token_ids[start])
+                    add_id(token_ids[start])
                 else:
-                    host_ids += seq.token_ids[start:start + n]
+                    host_ids += token_ids[start:start + n]
             else:   # its input is the token the previous step drew: read it on the device
-                host_ids.append(0)
+                add_id(0)
                 pending_at.append(total)
                 pending_from.append(seq.sample_index)
             total += n
-            samples.append(item.samples)
+            add_flag(item.samples)
             if item.samples:
                 seq.sample_index = len(sampling_seqs)
                 sampling_seqs.append(seq)
@@ -130,42 +135,53 @@ class InputBatch:
             self._rebuild_penalty_rows()
 
         bs = self.block_size
+        batch = len(rows)
         rows = np.array(rows, dtype=np.int64)
         starts = np.array(starts, dtype=np.int64)
-        counts = np.array(counts, dtype=np.int64)
-        batch = len(rows)
-        query_start = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        if total == batch:   # decode: one token per sequence
+        is_decode = total == batch
+        if is_decode:   # one token per sequence
+            counts = None
             positions, token_rows = starts, rows
+            query_start = np.arange(batch + 1, dtype=np.int64)
+            context_lens = starts + 1
         else:
+            counts = np.array(counts, dtype=np.int64)
+            query_start = np.zeros(batch + 1, dtype=np.int64)
+            np.cumsum(counts, out=query_start[1:])
             token_rows = np.repeat(rows, counts)
             positions = np.arange(total) + np.repeat(starts - query_start[:-1], counts)
+            context_lens = starts + counts
         slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        context_lens = starts + counts
-        width = int(context_lens.max() + bs - 1) // bs
+        width = (int(context_lens.max()) + bs - 1) // bs
         tables = self.block_table[rows, :width]
 
-        samples = np.array(samples, dtype=bool)
         num_sampling = len(sampling_seqs)
-        all_sample = num_sampling == total
-        srows = rows[samples]
-        steps = context_lens[samples] - self.num_prompt[srows]
-        sample_rows = query_start[1:][samples] - 1
-        long_parts = [np.array(host_ids, dtype=np.int64), positions, slots,
-                      np.empty(0, np.int64) if all_sample else sample_rows,
-                      srows, self.seed[srows], steps, self.top_k[srows],
+        if num_sampling == batch:
+            srows, last_tokens = rows, context_lens
+        else:
+            sample_flags = np.array(sample_flags, dtype=bool)
+            srows, last_tokens = rows[sample_flags], context_lens[sample_flags]
+        # the previous step's ids, in order, are this step's inputs: use them as they are
+        reuse_sampled = (is_decode and len(pending_at) == batch and self.last_sampled is not None
+                         and self.last_sampled.shape[0] == batch and pending_from == list(range(batch)))
+        long_parts = [np.empty(0, np.int64) if reuse_sampled else np.array(host_ids, dtype=np.int64),
+                      positions, slots,
+                      query_start[1:] - 1 if num_sampling == batch else query_start[1:][sample_flags] - 1,
+                      srows, row_keys(self.seed[srows], last_tokens - self.num_prompt[srows]), self.top_k[srows],
                       np.array(pending_at, dtype=np.int64), np.array(pending_from, dtype=np.int64)]
-        int_parts = [query_start.astype(np.int32), context_lens.astype(np.int32), tables.reshape(-1)]
         temperature, top_p, penalty = self.temperature[srows], self.top_p[srows], self.penalty[srows]
+        # int32 metadata and the fp32 sampling parameters share one buffer (same width: a view each)
+        int_parts = [query_start.astype(np.int32), context_lens.astype(np.int32), tables.reshape(-1),
+                     temperature.view(np.int32), top_p.view(np.int32), penalty.view(np.int32)]
         longs = self.upload(np.concatenate(long_parts)).split([len(p) for p in long_parts])
         ints = self.upload(np.concatenate(int_parts)).split([len(p) for p in int_parts])
-        floats = self.upload(np.concatenate([temperature, top_p, penalty])).split(num_sampling) if num_sampling else ()
-        input_ids, positions_d, slots_d, sample_rows_d, srows_d, seeds_d, steps_d, top_k_d, at_d, from_d = longs
-        if pending_at:
+        input_ids, positions_d, slots_d, sample_rows_d, srows_d, keys_d, top_k_d, at_d, from_d = longs
+        if reuse_sampled:
+            input_ids = self.last_sampled
+        elif pending_at:
             input_ids[at_d] = self.last_sampled[from_d]
         meta = AttentionMetadata(slot_mapping=slots_d, block_tables=ints[2].view(batch, width),
-                                 context_lens=ints[1], query_start_loc=ints[0], is_decode=total == batch)
+                                 context_lens=ints[1], query_start_loc=ints[0], is_decode=is_decode)
 
         sampling, penalised, logprobs = None, False, []
         if num_sampling:
@@ -176,11 +192,12 @@ class InputBatch:
             filtered = sampled & ((top_k > 0) | (top_p < 1.0))
             widths = np.where(top_k[filtered] > 0, np.minimum(top_k[filtered], self.vocab_size), self.vocab_size)
             sampling = SamplingBatch(
-                temperatures=floats[0], top_ks=top_k_d, top_ps=floats[1], repetition_penalties=floats[2],
-                seeds=seeds_d, steps=steps_d, seen_mask=self.seen[srows_d] if penalised else None,
-                num_logprobs=max(logprobs), all_greedy=not sampled.any(),
+                temperatures=ints[3].view(torch.float32), top_ks=top_k_d, top_ps=ints[4].view(torch.float32),
+                repetition_penalties=ints[5].view(torch.float32), seeds=None, steps=None, keys=keys_d,
+                seen_mask=self.seen[srows_d] if penalised else None, num_logprobs=max(logprobs),
+                all_greedy=not sampled.any(), all_sampled=bool(sampled.all()),
                 any_top_k=bool((top_k[sampled] > 0).any()), any_top_p=bool((top_p[sampled] < 1.0).any()),
                 num_candidates=int(widths.max()) if len(widths) else 0,
                 any_unfiltered=bool((sampled & ~filtered).any()))
-        return StepInputs(input_ids, positions_d, meta, None if all_sample else sample_rows_d, sampling,
+        return StepInputs(input_ids, positions_d, meta, sample_rows_d, sampling,
                           sampling_seqs, srows_d, penalised, logprobs)

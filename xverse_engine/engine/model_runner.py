@@ -25,10 +25,13 @@ def bytes_per_block(config, block_size: int, dtype) -> int:
             * torch.empty((), dtype=dtype).element_size())
 
 
-def select_rows(x, sample_rows, batch: int):
-    """The rows of the sequences that sample: x [>= B, ...] -> [S, ...]. Used on the hidden states (eager)
-    and on the logits of a replayed graph, whose bucket may hold padding rows and non-sampling rows."""
-    return x[:batch] if sample_rows is None else x[sample_rows]
+def select_rows(x, sample_rows):
+    """The rows of the sequences that sample: x [>= T, ...] -> [S, ...]. Used on the hidden states (eager)
+    and on the logits of a replayed graph, whose bucket may hold padding rows and non-sampling rows. When
+    every one of the T tokens samples, sample_rows is 0..T-1: a slice, not a gather (decided on the host)."""
+    if sample_rows.shape[0] == x.shape[0]:
+        return x
+    return x[sample_rows]
 
 
 class StepOutput:
@@ -36,7 +39,7 @@ class StepOutput:
 
     def __init__(self, seqs: list, host: torch.Tensor, event, logprobs: list):
         self.seqs = seqs            # the S sequences that sampled, in order
-        self.host = host            # [S] int64 ids, or [S, 2 + 2n] float64: id, its logprob, n values, n ids
+        self.host = host            # [S] int64 ids, or [S, 2 + 2n] fp32: id, its logprob, n values, n ids
         self.event = event          # CUDA event after the copy (None on the CPU)
         self.logprobs = logprobs    # per sequence: the top-n it asked for, or -1
 
@@ -47,15 +50,13 @@ class StepOutput:
         if self.host.dim() == 1:
             return self.host.tolist(), None
         table = self.host.numpy()
-        tokens = table[:, 0].astype(np.int64).tolist()
         width = (table.shape[1] - 2) // 2
-        entries = []
-        for i, n in enumerate(self.logprobs):
-            if n < 0:
-                entries.append(None)
-                continue
-            ids = table[i, 2 + width:2 + width + n].astype(np.int64).tolist()
-            entries.append(TokenLogprob(tokens[i], float(table[i, 1]), dict(zip(ids, table[i, 2:2 + n].tolist()))))
+        tokens = table[:, 0].astype(np.int64).tolist()
+        chosen = table[:, 1].tolist()
+        values = table[:, 2:2 + width].tolist()
+        ids = table[:, 2 + width:].astype(np.int64).tolist()
+        entries = [None if n < 0 else TokenLogprob(tokens[i], chosen[i], dict(zip(ids[i][:n], values[i][:n])))
+                   for i, n in enumerate(self.logprobs)]
         return tokens, entries
 
 
@@ -150,7 +151,7 @@ class ModelRunner:
             seeds=rows, steps=rows, seen_mask=self.batch.seen[rows], num_logprobs=20, all_greedy=False,
             any_top_k=num_seqs > 1, any_top_p=True, num_candidates=self.config.vocab_size,
             any_unfiltered=num_seqs > 2)
-        inputs = StepInputs(None, None, meta, None, sampling, [None] * num_seqs, rows, True, [20] * num_seqs)
+        inputs = StepInputs(None, None, meta, rows, sampling, [None] * num_seqs, rows, True, [20] * num_seqs)
         self._sample(logits, inputs).fetch()
         self.batch.seen.zero_()
         self.batch.last_sampled = None
@@ -158,23 +159,36 @@ class ModelRunner:
             torch.cuda.synchronize(d)
 
     # ---- one step -------------------------------------------------------------------------------------
+    def prepare(self, scheduled) -> tuple:
+        """The model inputs of a step, (input_ids, positions, meta, sample_rows), from the persistent batch;
+        its sampling state is kept for run(). (Tensor-parallel rank 0 broadcasts exactly this tuple.)"""
+        self._step = self.batch.prepare(scheduled)
+        step = self._step
+        return step.input_ids, step.positions, step.meta, step.sample_rows
+
+    def forward(self, input_ids, positions, meta, sample_rows):
+        """The model on one prepared step -> logits [S, V] of the sample rows (None when S = 0): eagerly, or
+        by replaying the decode graph of the batch's bucket."""
+        if not sample_rows.shape[0]:
+            if meta.is_decode and self.decode_graphs is not None:
+                self.decode_graphs.run(input_ids, positions, meta)
+            else:
+                self.model(input_ids, positions, meta, self.kv_caches)
+            return None
+        if meta.is_decode and self.decode_graphs is not None and input_ids.shape[0] <= self.max_num_seqs:
+            all_logits = self.decode_graphs.run(input_ids, positions, meta)     # [bucket, V]
+            return select_rows(all_logits[:input_ids.shape[0]], sample_rows)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        return self.model.compute_logits(select_rows(hidden, sample_rows))
+
     @torch.inference_mode()
-    def execute(self, scheduled) -> "StepOutput | None":
+    def run(self, scheduled) -> "StepOutput | None":
         """Launches the step: KV for every scheduled token, and the next token of each sequence that reached
         its last one. Returns their StepOutput (None when no sequence samples), not waiting for it."""
-        inputs = self.batch.prepare(scheduled)
-        batch = len(scheduled)
-        if inputs.meta.is_decode and self.decode_graphs is not None and batch <= self.max_num_seqs:
-            all_logits = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)  # [bucket, V]
-            if inputs.sampling is None:
-                return None
-            logits = select_rows(all_logits, inputs.sample_rows, batch)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
-            if inputs.sampling is None:
-                return None
-            logits = self.model.compute_logits(select_rows(hidden, inputs.sample_rows, batch))
-        return self._sample(logits, inputs)
+        logits = self.forward(*self.prepare(scheduled))
+        if logits is None:
+            return None
+        return self._sample(logits, self._step)
 
     def _sample(self, logits, inputs: StepInputs) -> StepOutput:
         # logits: [S, V] fp32
@@ -183,9 +197,10 @@ class ModelRunner:
             self.batch.update_penalty_mask(inputs.batch_rows, tokens)
         self.batch.last_sampled = tokens
         payload = tokens
-        if top is not None:   # one table, one copy: id, its logprob, the n best values, their ids
-            payload = torch.cat([tokens[:, None].double(), top.chosen[:, None].double(), top.values.double(),
-                                 top.token_ids.double()], dim=1)
+        if top is not None:   # one table, one copy: id, its logprob, the n best values, their ids (ids < 2**24
+            exact = torch.float32 if logits.shape[-1] <= 1 << 24 else torch.float64     # are exact in fp32)
+            payload = torch.cat([tokens[:, None].to(exact), top.chosen[:, None].to(exact), top.values.to(exact),
+                                 top.token_ids.to(exact)], dim=1)
         event = None
         if self.device.type == "cuda":
             host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)

@@ -19,11 +19,12 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     __slots__ = ("seq", "start", "num_new_tokens", "samples")
 
-    def __init__(self, seq: Sequence, num_new_tokens: int):
+    def __init__(self, seq: Sequence, num_new_tokens: int, start: int = None, samples: bool = None):
         self.seq = seq
-        self.start = seq.num_computed_tokens         # first position whose KV this step computes
+        self.start = seq.num_computed_tokens if start is None else start   # first position computed now
         self.num_new_tokens = num_new_tokens
-        self.samples = self.start + num_new_tokens == seq.num_tokens   # reaches the last token: draws the next
+        # reaches the last token, so it draws the next one
+        self.samples = self.start + num_new_tokens == seq.num_tokens if samples is None else samples
 
 
 class Scheduler:
@@ -75,16 +76,21 @@ class Scheduler:
         scheduled = []
         preempted = False
         bm = self.block_manager
+        block_size = bm.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_tokens >= seq.max_tokens and not seq.in_prefill:
+            num_tokens = len(seq.token_ids) + seq.num_pending
+            if num_tokens - seq.num_computed_tokens > 1:  # the next chunk of a prompt; its blocks are allocated
+                self._commit(seq, min(num_tokens - seq.num_computed_tokens, budget), scheduled)
+                budget -= scheduled[-1].num_new_tokens
+                i += 1
+                continue
+            if num_tokens >= seq.max_tokens:
                 i += 1       # its last token is drawn and on its way: nothing left to compute
                 continue
-            if seq.in_prefill:  # the next chunk of a prompt; its blocks were allocated on admission
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            else:
-                while not bm.can_append(seq):
+            if len(seq.block_table) * block_size < num_tokens:   # the new token starts a block
+                while not bm.num_free_blocks:
                     self._preempt(self.running[-1])  # the newest gives way; it may be seq itself
                     preempted = True
                     if seq.status != SequenceStatus.RUNNING:
@@ -92,9 +98,11 @@ class Scheduler:
                 if seq.status != SequenceStatus.RUNNING:
                     break
                 bm.append_slot(seq)
-                n = 1
-            self._commit(seq, n, scheduled)
-            budget -= n
+            # decode, inlined (this loop runs for every running sequence every step)
+            scheduled.append(ScheduledSequence(seq, 1, num_tokens - 1, True))
+            seq.num_computed_tokens = num_tokens
+            seq.num_pending += 1
+            budget -= 1
             i += 1
         now = None
         while (self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs

@@ -37,6 +37,8 @@ class SamplingBatch:
     seen_mask: Optional[torch.Tensor] = None  # [B, V] bool: tokens seen (prompt + output); the engine's form
     num_candidates: int = 0                 # K: covers every top-k / top-p row (0: the whole vocabulary)
     any_unfiltered: bool = True             # some sampled row has neither top-k nor top-p
+    all_sampled: bool = False               # every row samples (temperature > 0): no greedy rows to merge
+    keys: Optional[torch.Tensor] = None     # [B] int64 row_keys(seeds, steps), computed on the host
 
 
 class TopLogprobs(NamedTuple):
@@ -54,18 +56,27 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-def gumbel_noise_at(seeds, steps, token_ids):
-    """Deterministic Gumbel(0, 1) noise of (seed, step, token id). seeds, steps: [B]; token_ids: [B, K] or [K]."""
+def row_keys(seeds, steps):
+    """The 32-bit key of each row's draw, from (seed, step): [B] int64. Works on torch tensors and on
+    numpy int64 arrays alike (the engine computes it on the host; two's-complement wrap-around of the
+    products only touches bits that the masks drop)."""
     seeds = seeds & MASK32 ^ ((seeds >> 32) & MASK32)
-    row = _fmix32(seeds ^ _fmix32((steps * 0x9E3779B9) & MASK32))                       # [B]
+    return _fmix32(seeds ^ _fmix32((steps * 0x9E3779B9) & MASK32))
+
+
+def gumbel_noise_at(seeds, steps, token_ids, keys=None):
+    """Deterministic Gumbel(0, 1) noise of (seed, step, token id). seeds, steps: [B]; token_ids: [B, K] or
+    [K]; keys: row_keys(seeds, steps) when already known."""
+    row = row_keys(seeds, steps) if keys is None else keys                               # [B]
     bits = _fmix32((row[:, None] ^ ((token_ids * 0x27D4EB2F) & MASK32)) & MASK32)        # [B, K]
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))                 # (0, 1)
     return -torch.log(-torch.log(uniform))
 
 
-def gumbel_noise(seeds, steps, vocab_size: int):
+def gumbel_noise(seeds, steps, vocab_size: int, keys=None):
     """The noise of every token: [B, V]."""
-    return gumbel_noise_at(seeds, steps, torch.arange(vocab_size, device=seeds.device, dtype=torch.int64))
+    device = (seeds if keys is None else keys).device
+    return gumbel_noise_at(seeds, steps, torch.arange(vocab_size, device=device, dtype=torch.int64), keys)
 
 
 def apply_repetition_penalty(logits, seen_token_ids, penalties):
@@ -97,15 +108,17 @@ def filter_top_k_top_p(logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool)
 def _removed_ranks(sorted_logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool):
     # sorted_logits: [B, K] best first -> [B, K] bool: which ranks top-k, then top-p, remove
     width = sorted_logits.shape[-1]
-    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    remove = None
     if any_top_k:
         ranks = torch.arange(width, device=sorted_logits.device)[None, :]
-        remove |= ranks >= torch.where(top_ks > 0, top_ks, width)[:, None]
+        remove = ranks >= torch.where(top_ks > 0, top_ks, width)[:, None]
     if any_top_p:
-        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        kept = sorted_logits if remove is None else sorted_logits.masked_fill(remove, float("-inf"))
+        probs = kept.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        remove |= mass_before >= top_ps[:, None]     # keep the smallest prefix reaching top_p (>= 1 token)
-    return remove
+        beyond = mass_before >= top_ps[:, None]      # keep the smallest prefix reaching top_p (>= 1 token)
+        remove = beyond if remove is None else remove | beyond
+    return torch.zeros_like(sorted_logits, dtype=torch.bool) if remove is None else remove
 
 
 def _draw_filtered(scaled, batch: SamplingBatch):
@@ -113,7 +126,8 @@ def _draw_filtered(scaled, batch: SamplingBatch):
     k = batch.num_candidates or scaled.shape[-1]
     values, token_ids = scaled.topk(min(k, scaled.shape[-1]), dim=-1)                  # [B, K] best first
     remove = _removed_ranks(values, batch.top_ks, batch.top_ps, batch.any_top_k, batch.any_top_p)
-    noisy = values.masked_fill(remove, float("-inf")) + gumbel_noise_at(batch.seeds, batch.steps, token_ids)
+    noisy = values.masked_fill(remove, float("-inf")) + gumbel_noise_at(batch.seeds, batch.steps, token_ids,
+                                                                         batch.keys)
     return token_ids.gather(1, noisy.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
@@ -126,19 +140,23 @@ def sample(logits, batch: SamplingBatch):
         logits = apply_repetition_penalty_mask(logits, batch.seen_mask, batch.repetition_penalties)
     elif batch.seen_token_ids is not None:
         logits = apply_repetition_penalty(logits, batch.seen_token_ids, batch.repetition_penalties)
-    tokens = logits.argmax(dim=-1)
+    if not batch.all_sampled:
+        tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
-        sampled = batch.temperatures > 0
-        scaled = logits / torch.where(sampled, batch.temperatures, 1.0)[:, None]
+        if batch.all_sampled:
+            scaled = logits / batch.temperatures[:, None]
+        else:
+            sampled = batch.temperatures > 0
+            scaled = logits / torch.where(sampled, batch.temperatures, 1.0)[:, None]
         if batch.any_top_k or batch.any_top_p:
             drawn = _draw_filtered(scaled, batch)
             if batch.any_unfiltered:
                 filtered = (batch.top_ks > 0) | (batch.top_ps < 1)
-                whole = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1])).argmax(dim=-1)
+                whole = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1], batch.keys)).argmax(-1)
                 drawn = torch.where(filtered, drawn, whole)
         else:
-            drawn = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1])).argmax(dim=-1)
-        tokens = torch.where(sampled, drawn, tokens)
+            drawn = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1], batch.keys)).argmax(dim=-1)
+        tokens = drawn if batch.all_sampled else torch.where(sampled, drawn, tokens)
     if batch.num_logprobs >= 0:
         values, token_ids = logprobs.topk(max(batch.num_logprobs, 1), dim=-1)
         top = TopLogprobs(logprobs.gather(1, tokens[:, None]).squeeze(1), values, token_ids)
