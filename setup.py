@@ -124,15 +124,19 @@ def emulated_extension():
     )]
 
 
+SERVE_REQUIRES = ["fastapi>=0.100", "uvicorn>=0.23", "pydantic>=2", "prometheus-client>=0.17"]
+
 setup(
     name="xverse_engine",
     version="0.1.0",
     description="A fast, readable inference engine for the XVERSE mixture-of-experts LLMs",
     packages=find_packages(include=["xverse_engine", "xverse_engine.*"]),
-    package_data={"xverse_engine": ["assets/*/*", "assets/*.json"]},
+    package_data={"xverse_engine": ["assets/*/*", "assets/*.json", "server/static/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
-    extras_require={"test": ["pytest>=7", "sentencepiece"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest>=7", "sentencepiece", *SERVE_REQUIRES, "openai>=1", "selenium>=4"],
+                    "bench": ["matplotlib"], "serve": SERVE_REQUIRES},
+    entry_points={"console_scripts": ["xverse-serve = xverse_engine.serve:main"]},
     ext_modules=[extension] + emulated_extension(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
