@@ -48,7 +48,7 @@ tests_of() {
         detokenizer) echo tests/test_spec_stop.py tests/test_generation.py ;;
         block_manager) echo tests/test_spec_prefix_cache.py tests/test_scheduler.py ;;
         scheduler) echo tests/test_scheduler.py tests/test_spec_prefix_cache.py tests/test_generation.py ;;
-        config) echo tests/test_config_loader.py ;;
+        config) echo tests/test_spec_config.py tests/test_config_loader.py ;;
         loader) echo tests/test_config_loader.py tests/test_model_vs_reference.py ;;
         rotary) echo tests/test_spec_rope.py tests/test_model_vs_reference.py ;;
         norm) echo tests/test_spec_bf16.py tests/test_model_vs_reference.py ;;
@@ -82,17 +82,17 @@ PY
     ( cd "$scratch" && OMP_NUM_THREADS=1 timeout "$left" mutmut run --max-children "$jobs" >mutmut.log 2>&1 ) || \
         echo "   (mutmut stopped: exit $?; see $scratch/mutmut.log)"
     ( cd "$scratch" && mutmut results --all true >results.txt 2>&1 || true )
-    python - "$scratch/results.txt" "$module" <<'PY'
+    python - "$scratch/results.txt" "$module" <<'PY' | tee "$scratch/summary.txt"
 import collections, sys
-lines = [l.strip() for l in open(sys.argv[1]) if ": " in l]
-status = collections.Counter(l.rsplit(": ", 1)[1] for l in lines)
-checked = status["killed"] + status["survived"] + status["timeout"] + status["suspicious"]
-score = 100.0 * status["survived"] / checked if checked else float("nan")
-print(f"   {sys.argv[2]}: {len(lines)} mutants, {status['killed']} killed, {status['survived']} survived "
-      f"({score:.1f}% of those checked), {status['timeout']} timeouts, {status['not checked']} not checked, "
-      f"other {dict((k, v) for k, v in status.items() if k not in ('killed', 'survived', 'timeout', 'not checked'))}")
-for l in lines:
-    if l.endswith(": survived"):
-        print("   survived:", l.rsplit(": ", 1)[0])
+pairs = [line.strip().rsplit(": ", 1) for line in open(sys.argv[1]) if ": " in line]
+status = collections.Counter(state for _, state in pairs)
+checked = sum(n for state, n in status.items() if state != "not checked")
+survived = status["survived"]
+print(f"   {sys.argv[2]}: {len(pairs)} mutants, {checked} checked: {status['killed']} killed, {survived} survived "
+      f"({100.0 * survived / max(checked, 1):.1f}%), {status['timeout']} timeouts; {status['not checked']} not "
+      f"checked (budget); all states {dict(status)}")
+for name, state in pairs:
+    if state == "survived":
+        print("   survived:", name)
 PY
 done
