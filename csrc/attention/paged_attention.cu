@@ -11,6 +11,7 @@
 
 #include "attention/attention_checks.h"
 #include "attention/attention_utils.cuh"
+#include "common/launch.cuh"
 #include "ops.h"
 
 namespace xverse {
@@ -420,19 +421,17 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& query, const at::Tensor
     dispatch_head_dim(head_dim, "paged_attention_decode", [&](auto dim_tag) {
       constexpr int kHeadDim = decltype(dim_tag)::value;
       auto* out_ptr = static_cast<scalar_t*>(out.data_ptr());
-      paged_decode_kernel<scalar_t, kHeadDim><<<grid, kDecodeThreads, 0, stream>>>(
+      launch_kernel(paged_decode_kernel<scalar_t, kHeadDim>, grid, kDecodeThreads, 0, stream,
           out_ptr, ptr(partial_out), ptr(partial_max), ptr(partial_sum),
           static_cast<const scalar_t*>(query.data_ptr()), static_cast<const scalar_t*>(key_cache.data_ptr()),
           static_cast<const scalar_t*>(value_cache.data_ptr()), block_tables.data_ptr<int>(),
           context_lens.data_ptr<int>(), static_cast<int>(key_cache.size(1)), block_size, max_blocks,
           num_partitions, query.stride(0), query.stride(1), static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (num_partitions > 1) {
-        paged_decode_reduce_kernel<scalar_t, kHeadDim>
-            <<<dim3(static_cast<unsigned>(num_heads), static_cast<unsigned>(num_seqs)), kDecodeThreads, 0, stream>>>(
-                out_ptr, ptr(partial_out), ptr(partial_max), ptr(partial_sum), context_lens.data_ptr<int>(),
-                num_partitions);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(paged_decode_reduce_kernel<scalar_t, kHeadDim>,
+                      dim3(static_cast<unsigned>(num_heads), static_cast<unsigned>(num_seqs)), kDecodeThreads, 0,
+                      stream, out_ptr, ptr(partial_out), ptr(partial_max), ptr(partial_sum),
+                      context_lens.data_ptr<int>(), num_partitions);
       }
     });
   });
@@ -464,13 +463,12 @@ at::Tensor paged_attention_prefill_cuda(const at::Tensor& query, const at::Tenso
     using scalar_t = typename decltype(type_tag)::type;
     dispatch_head_dim(head_dim, "paged_attention_prefill", [&](auto dim_tag) {
       constexpr int kHeadDim = decltype(dim_tag)::value;
-      paged_prefill_kernel<scalar_t, kHeadDim><<<grid, kPrefillThreads, 0, stream>>>(
+      launch_kernel(paged_prefill_kernel<scalar_t, kHeadDim>, grid, kPrefillThreads, 0, stream,
           static_cast<scalar_t*>(out.data_ptr()), static_cast<const scalar_t*>(query.data_ptr()),
           static_cast<const scalar_t*>(key_cache.data_ptr()), static_cast<const scalar_t*>(value_cache.data_ptr()),
           block_tables.data_ptr<int>(), query_start_loc.data_ptr<int>(), context_lens.data_ptr<int>(),
           static_cast<int>(num_seqs), static_cast<int>(key_cache.size(1)), block_size, max_blocks,
           query.stride(0), query.stride(1), static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;

@@ -12,6 +12,7 @@ interpreter exit, Ctrl-C) tells the workers to stop, then terminates and kills a
 """
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -197,6 +198,8 @@ def start(size: int, spec: RankSpec) -> WorkerGroup:
             dist.destroy_process_group()
             sys.exit(0)
         return WorkerGroup().joined(tp, StepChannel(tp, device))
+    if dist.is_initialized():
+        gc.collect()  # an engine dropped but not yet collected (a reference cycle) stops its workers now
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process (another tensor-parallel "
                            "Engine is alive?): shut it down first (engine.shutdown())")
