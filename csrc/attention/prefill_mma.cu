@@ -2,9 +2,11 @@
 //
 // Grid (num_tiles, Hq), 128 threads = 4 warps. A CTA owns kQueryRows = 64 consecutive new tokens of ONE
 // sequence and one query head; warp w owns rows 16w..16w+15 (one m16 tile). The CTA walks the keys its rows
-// can see in tiles of kKeyTile = 64, K and V gathered from the paged blocks into shared memory with cp.async,
+// can see in tiles of kKeyTile keys (64 for head_dim <= 80, 32 above, so that two stages of K and V stay
+// within the 48 KB of dynamic shared memory a launch gets without opting in), K and V gathered from the paged blocks into shared memory with cp.async,
 // double-buffered (tile j+1 is in flight while tile j is computed). Per key tile and warp:
-//   S = Q K^T     mma.m16n8k16: 8 n-tiles of 8 keys, reducing over D in D/16 k-steps (D = 80: 5 of them);
+//   S = Q K^T     mma.m16n8k16: kKeyTile / 8 n-tiles of 8 keys, reducing over D in D/16 k-steps
+//                 (D = 80: 5 of them);
 //                 Q's A fragments live in registers for the whole CTA, K's B fragments come from ldmatrix.
 //   mask          causal with the cached-prefix offset: row r sits at context position
 //                 context_len - q_len + r and sees keys [0, that position].
@@ -30,8 +32,12 @@
 #include "common/launch.cuh"
 #include "common/ptx.cuh"
 
-#ifndef XVERSE_EMULATE
 #include <ATen/cuda/CUDAContext.h>
+
+#ifndef XVERSE_DYNAMIC_SHARED  // until common/launch.cuh provides it
+#define XVERSE_DYNAMIC_SHARED(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char xverse_dynamic_smem[]; \
+  T* name = reinterpret_cast<T*>(xverse_dynamic_smem)
 #endif
 
 namespace xverse::attention {
@@ -39,18 +45,20 @@ namespace xverse::attention {
 constexpr int kMmaThreads = 128;
 constexpr int kMmaWarps = kMmaThreads / kWarpSize;
 constexpr int kQueryRows = 16 * kMmaWarps;  // query rows per CTA: one m16 tile per warp
-constexpr int kKeyTile = 64;                // keys per shared-memory tile: 8 n-tiles of S
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int HEAD_DIM>
 struct PrefillMmaShape {
   static_assert(HEAD_DIM % 16 == 0, "head_dim must be a multiple of 16 (mma k-steps of 16)");
+  static constexpr int kKeyTile = HEAD_DIM <= 80 ? 64 : 32;  // keys per shared-memory tile
   static constexpr int kKSteps = HEAD_DIM / 16;       // k-steps of S = Q K^T
   static constexpr int kOutTiles = HEAD_DIM / 8;      // n-tiles of O = P V
   static constexpr int kRowElems = HEAD_DIM + 8;      // smem row: +16 bytes makes ldmatrix rows conflict-free
   static constexpr int kTileElems = kKeyTile * kRowElems;
   static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte cp.async chunks per K/V row
   static constexpr int kSmemBytes = 2 /*stages*/ * 2 /*K, V*/ * kTileElems * 2 /*bytes*/;
+  // No static shared memory: this is the whole budget, kept under the no-opt-in limit (D = 80: 45,056 B).
+  static_assert(kSmemBytes <= 48 * 1024, "above 48 KB the launch would need cudaFuncSetAttribute");
 };
 
 // mma and packing for the two 16-bit element types.
@@ -90,8 +98,8 @@ prefill_mma_kernel(scalar_t* __restrict__ out,                // [T, Hq, D] cont
   using Shape = PrefillMmaShape<HEAD_DIM>;
   constexpr int kKSteps = Shape::kKSteps, kOutTiles = Shape::kOutTiles, kRowElems = Shape::kRowElems;
   constexpr int kTileElems = Shape::kTileElems, kChunksPerRow = Shape::kChunksPerRow;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  scalar_t* smem = reinterpret_cast<scalar_t*>(smem_raw);  // [stage][K, V][kKeyTile][kRowElems]
+  constexpr int kKeyTile = Shape::kKeyTile;
+  XVERSE_DYNAMIC_SHARED(scalar_t, smem);  // [stage][K, V][kKeyTile][kRowElems]
 
   const int head = blockIdx.y, num_heads = gridDim.y;
   const int kv_head = head / (num_heads / num_kv_heads);
@@ -298,16 +306,8 @@ void launch_prefill_mma(at::Tensor& out, const at::Tensor& query, const at::Tens
   const int64_t num_tiles = num_tokens / kQueryRows + num_seqs + 1;
   TORCH_CHECK(num_tiles < INT32_MAX && num_heads <= 65535, "paged_attention_prefill: too many tokens or heads");
   constexpr int smem = PrefillMmaShape<HEAD_DIM>::kSmemBytes;
-  auto kernel = prefill_mma_kernel<scalar_t, HEAD_DIM>;
-#ifndef XVERSE_EMULATE
-  if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-#else
-  const cudaStream_t stream = nullptr;
-#endif
-  launch_kernel(kernel, dim3(static_cast<unsigned>(num_tiles), static_cast<unsigned>(num_heads)), dim3(kMmaThreads),
+  launch_kernel(prefill_mma_kernel<scalar_t, HEAD_DIM>, dim3(static_cast<unsigned>(num_tiles), static_cast<unsigned>(num_heads)), dim3(kMmaThreads),
                 smem, stream, static_cast<scalar_t*>(out.data_ptr()), static_cast<const scalar_t*>(query.data_ptr()),
                 static_cast<const scalar_t*>(key_cache.data_ptr()),
                 static_cast<const scalar_t*>(value_cache.data_ptr()), block_tables.data_ptr<int>(),
