@@ -107,7 +107,10 @@ setup(
     package_data={"xverse_engine": ["assets/*/*", "assets/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
-    extras_require={"test": ["pytest>=7", "sentencepiece"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest>=7", "sentencepiece",
+                             # cuobjdump / nvdisasm for the SASS checks (tests/test_attention_sass.py)
+                             "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
+                             "nvidia-cuda-nvdisasm; platform_system == 'Linux'"], "bench": ["matplotlib"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
