@@ -5,6 +5,10 @@ copied straight into its slot of the model's parameters, so peak host memory sta
 Each checkpoint name maps to (parameter, slice): q/k/v rows of qkv_proj, expert e's gate/up/down rows
 of the stacked w13 / w2, gate/up rows of a gate_up_proj. Every expected tensor must arrive exactly once
 with its exact shape; anything else is an error naming the tensor and the file.
+
+Tensor parallel: a `sharding` (distributed/sharding.py) says which rows or columns of each tensor this rank
+holds; only those bytes are read (safetensors slices, memory-mapped .bin views), and other ranks' experts
+are never touched, so a rank's host memory stays near its share of the model.
 """
 import glob
 import json
@@ -117,18 +121,32 @@ def find_weight_files(path: str, load_format: str):
                           f"*.safetensors or pytorch_model*.bin shards, or use load_format='dummy'")
 
 
+def _narrow(tensor, selection):
+    return tensor if selection is None else tensor.narrow(selection[0], selection[1], selection[2])
+
+
 def _read_shard(file: str, fmt: str):
-    """Yields (name, tensor) of one shard, a tensor at a time."""
+    """Yields (name, shape, read) of one shard, a tensor at a time; read(selection) returns the tensor, or
+    only the (dim, start, count) part of it, reading no other bytes."""
     try:
         if fmt == "safetensors":
             from safetensors import safe_open
             with safe_open(file, framework="pt") as shard:
                 for name in shard.keys():
-                    yield name, shard.get_tensor(name)
+                    lazy = shard.get_slice(name)
+                    shape = tuple(lazy.get_shape())
+
+                    def read(selection, name=name, lazy=lazy):
+                        if selection is None:
+                            return shard.get_tensor(name)
+                        dim, start, count = selection
+                        return lazy[(slice(None),) * dim + (slice(start, start + count),)]
+                    yield name, shape, read
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             for name in list(state.keys()):
-                yield name, state.pop(name)
+                tensor = state.pop(name)  # memory-mapped: only the bytes a selection copies are read
+                yield name, tuple(tensor.shape), lambda selection, tensor=tensor: _narrow(tensor, selection)
     except CheckpointError:
         raise
     except Exception as error:  # truncated, corrupt or foreign file: name it
@@ -136,8 +154,10 @@ def _read_shard(file: str, fmt: str):
                               f"truncated or corrupt; download it again") from None
 
 
-def load_weights(model, config, path: str, load_format: str = "auto", show_progress: bool = True):
-    """Fills `model`'s parameters from the checkpoint at `path` (or randomly for "dummy")."""
+def load_weights(model, config, path: str, load_format: str = "auto", show_progress: bool = True,
+                 sharding=None):
+    """Fills `model`'s parameters from the checkpoint at `path` (or randomly for "dummy"); with a tensor
+    parallel `sharding`, only this rank's slices."""
     if load_format == "dummy":
         return init_dummy_weights(model, config)
     fmt, files = find_weight_files(path, load_format)
@@ -146,19 +166,22 @@ def load_weights(model, config, path: str, load_format: str = "auto", show_progr
     loaded = set()
     bar = tqdm(files, desc=f"Loading {len(files)} {fmt} shard(s)", unit="shard", disable=not show_progress)
     for file in bar:
-        for name, tensor in _read_shard(file, fmt):
+        for name, shape, read in _read_shard(file, fmt):
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a buffer some exports keep; we compute it
             if name not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {os.path.basename(file)}: not part of an "
                                       f"XVERSE model with this config.json (check num_experts, num_hidden_layers)")
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(f"tensor {name!r} in {os.path.basename(file)} has shape {tuple(tensor.shape)}, "
+            if shape != expected[name]:
+                raise CheckpointError(f"tensor {name!r} in {os.path.basename(file)} has shape {shape}, "
                                       f"config.json implies {expected[name]}")
             if name in loaded:
                 raise CheckpointError(f"tensor {name!r} appears twice (again in {os.path.basename(file)})")
-            parameter_slot(params, config, name).copy_(tensor)
             loaded.add(name)
+            if sharding is None:
+                parameter_slot(params, config, name).copy_(read(None))
+            elif (selection := sharding.selection(name)) != "skip":  # "skip": another rank's expert
+                sharding.slot(params, name).copy_(read(selection))
     missing = [name for name in expected if name not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -5,8 +5,9 @@ FlashAttention when it is installed).
   matmul peak (compute bound). FLOPs count only the unmasked half: 4 * D * H * T (T + 1) / 2.
 - decode (batch 1 at 1k / 8k / 32k context, batch 64 at 1k): GB/s over the K/V bytes read and the fraction of
   this card's measured HBM bandwidth (a device-to-device copy in the same run; memory bound).
-Every row carries its bytes and FLOPs and checks the paged kernel against SDPA (max abs difference), so a
-fast wrong kernel cannot hide here. Without a GPU the same code runs small shapes on the CPU (shape coverage
+Every row carries its bytes and FLOPs and checks the paged kernel against SDPA (max abs difference): a wrong
+result fails the run (exit 1, KernelCheckFailed), so a fast wrong kernel cannot hide here. JSON: "results" are
+the decode rows, "prefill_results" the prefill rows, "arithmetic" the GPU shapes' bytes / FLOPs. Without a GPU the same code runs small shapes on the CPU (shape coverage
 only: the CPU kernels are the reference path, not tuned) and prints the arithmetic of the GPU shapes with the
 time each would take at a datasheet roofline.
 
@@ -14,6 +15,7 @@ time each would take at a datasheet roofline.
 """
 import argparse
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +27,27 @@ NUM_HEADS, HEAD_DIM = 32, 80  # XVERSE-MoE-A4.2B: full MHA
 GPU_PREFILL = [1024, 4096, 8192]
 GPU_DECODE = [(1, 1024), (1, 8192), (1, 32768), (64, 1024)]
 CPU_PREFILL = [64, 200]
-CPU_DECODE = [(1, 256), (2, 512), (4, 256)]
+CPU_SHAPES = [(1, 256), (2, 512), (4, 256)]  # decode (batch, context) on the CPU
 # Datasheet rooflines for the arithmetic printed without a GPU (dense bf16 FLOP/s, HBM bytes/s).
 DATASHEET = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+# Largest |paged - SDPA| allowed. Both read the same K/V values; they differ by summation order and by the
+# output's rounding: the output is a convex mix of V rows, so 4 roundings of max|V| (u = 2^-8 in bf16).
+# (The tensor-core prefill also rounds P to 16 bits before P V, as FlashAttention does: within the same bound.)
+MAX_ABS_DIFF_PER_MAX_V = {"float32": 1e-5, "float16": 4 * 2.0 ** -11, "bfloat16": 4 * 2.0 ** -8}
+
+
+class KernelCheckFailed(RuntimeError):
+    """The paged kernel's output is off SDPA's: the benchmark must not publish its timing."""
+
+
+def paged_decode(query, key_cache, value_cache, block_tables, context_lens, scale, max_context_len=0):
+    return torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                                   max_context_len)
+
+
+def paged_prefill(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale):
+    return torch.ops.xverse.paged_attention_prefill(query, key_cache, value_cache, block_tables, query_start_loc,
+                                                    context_lens, scale)
 
 
 # ---- arithmetic --------------------------------------------------------------------------------------------
@@ -92,7 +112,7 @@ def paged_copy(k, v, block_size, gen):
 
 
 def random_kv(batch, context, dtype, device, gen):
-    """q: [B, H, D]... as [B, H, C, D] K and V (SDPA layout)."""
+    """Random K and V, each [B, H, C, D] (SDPA layout)."""
     return [torch.randn(batch, NUM_HEADS, context, HEAD_DIM, generator=gen).to(dtype).to(device) for _ in range(2)]
 
 
@@ -118,7 +138,7 @@ def bench_prefill(tokens, args, peak):
     scale = HEAD_DIM ** -0.5
 
     def paged():
-        return torch.ops.xverse.paged_attention_prefill(query, key_cache, value_cache, tables, qsl, lens, scale)
+        return paged_prefill(query, key_cache, value_cache, tables, qsl, lens, scale)
 
     def sdpa():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -130,7 +150,9 @@ def bench_prefill(tokens, args, peak):
         fns["flash_attn"] = lambda: fa(q_fa, k_fa, v_fa, causal=True, softmax_scale=scale)
     flops, nbytes = prefill_flops(tokens), prefill_bytes(tokens, elem=query.element_size())
     diff = (paged().float() - sdpa()[0].transpose(0, 1).float()).abs().max().item()
-    row = {"tokens": tokens, "gflop": flops / 1e9, "mbytes": nbytes / 1e6, "max_abs_diff_vs_sdpa": diff}
+    allowed = MAX_ABS_DIFF_PER_MAX_V[args.dtype] * v.abs().max().item()
+    row = {"tokens": tokens, "gflop": flops / 1e9, "mbytes": nbytes / 1e6, "max_abs_diff_vs_sdpa": diff,
+           "ok": bool(diff <= allowed)}  # NaN fails too
     for name, fn in fns.items():
         stats = time_fn(fn, args.device, warmup=args.warmup, iters=args.iters)
         row[f"{name}_us"] = stats["median_us"]
@@ -151,7 +173,7 @@ def bench_decode(batch, context, args, hbm):
     bucket = 1 << (context - 1).bit_length()  # the bound a graph-capturing runner would pass: next power of 2
 
     def paged():
-        return torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, tables, lens, scale, bucket)
+        return paged_decode(query, key_cache, value_cache, tables, lens, scale, bucket)
 
     q4 = query.unsqueeze(2)  # [B, H, 1, D]
 
@@ -165,8 +187,10 @@ def bench_decode(batch, context, args, hbm):
         fns["flash_attn"] = lambda: fa(q_fa, k_fa, v_fa, softmax_scale=scale)
     nbytes = decode_bytes(batch, context, elem=key_cache.element_size())
     diff = (paged().float() - sdpa().squeeze(2).float()).abs().max().item()
+    allowed = MAX_ABS_DIFF_PER_MAX_V[args.dtype] * v.abs().max().item()
     row = {"batch": batch, "context": context, "mbytes": nbytes / 1e6,
-           "gflop": decode_flops(batch, context) / 1e9, "max_abs_diff_vs_sdpa": diff}
+           "gflop": decode_flops(batch, context) / 1e9, "max_abs_diff_vs_sdpa": diff,
+           "ok": bool(diff <= allowed)}  # NaN fails too
     for name, fn in fns.items():
         stats = time_fn(fn, args.device, warmup=args.warmup, iters=args.iters)
         row[f"{name}_us"] = stats["median_us"]
@@ -230,7 +254,7 @@ def main(argv=None):
         print("\nno GPU here: the rows below are a CPU shape-coverage run (C++ reference kernels), not performance")
 
     prefill_rows = [bench_prefill(t, args, peak) for t in (GPU_PREFILL if on_gpu else CPU_PREFILL)]
-    decode_rows = [bench_decode(b, c, args, hbm) for b, c in (GPU_DECODE if on_gpu else CPU_DECODE)]
+    decode_rows = [bench_decode(b, c, args, hbm) for b, c in (GPU_DECODE if on_gpu else CPU_SHAPES)]
     has_fa = prefill_rows and "flash_attn_us" in prefill_rows[0]
 
     print(f"\nprefill (causal, one prompt), {args.dtype}, block_size {args.block_size}; measured matmul peak "
@@ -259,7 +283,7 @@ def main(argv=None):
                "config": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_HEADS, "head_dim": HEAD_DIM,
                           "dtype": args.dtype, "block_size": args.block_size, "iters": args.iters},
                "hbm_bytes_per_s": hbm, "matmul_flops_per_s": peak, "gpu": on_gpu,
-               "results": {"prefill": prefill_rows, "decode": decode_rows}, "arithmetic": arithmetic,
+               "results": decode_rows, "prefill_results": prefill_rows, "arithmetic": arithmetic,
                "baselines": {"sdpa": "F.scaled_dot_product_attention on contiguous [B, H, ctx, D] K/V",
                              "flash_attn": "flash_attn_func on contiguous K/V" if has_fa else "not installed"}}
     if args.json:
@@ -267,8 +291,18 @@ def main(argv=None):
     png = args.png or (args.json[:-5] + ".png" if args.json and args.json.endswith(".json") else None)
     if png:
         plot(decode_rows, prefill_rows, hbm, peak, png)
+    wrong = [f"T={r['tokens']}: max |paged - SDPA| {r['max_abs_diff_vs_sdpa']:.2e}" for r in prefill_rows
+             if not r["ok"]]
+    wrong += [f"B={r['batch']} ctx={r['context']}: max |paged - SDPA| {r['max_abs_diff_vs_sdpa']:.2e}"
+              for r in decode_rows if not r["ok"]]
+    if wrong:
+        raise KernelCheckFailed("paged attention gave wrong results (timings not to be trusted): " + "; ".join(wrong))
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KernelCheckFailed as failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        sys.exit(1)

@@ -10,6 +10,7 @@ measured bf16 matmul peak, both measured in the same run (benchmarks/common.py).
 """
 import argparse
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,13 @@ from xverse_engine.ops import moe
 
 GPU_TOKENS = [1, 8, 32, 64, 256, 1024, 4096]
 CPU_TOKENS = [1, 8, 32, 64]
+# Largest |ours - per-expert loop| allowed, relative to the largest |output|: fp32 differs only by summation
+# order; bf16 (u = 2^-8) by the activation rounded between the GEMMs and the output's rounding (4u).
+MAX_RELATIVE_DIFF = {torch.float32: 1e-4, torch.float16: 4 * 2.0 ** -11, torch.bfloat16: 4 * 2.0 ** -8}
+
+
+class KernelCheckFailed(RuntimeError):
+    """A kernel of ours gave a wrong result: the benchmark must not publish its timing."""
 
 
 # ---- the block three ways ----------------------------------------------------------------------------
@@ -95,15 +103,22 @@ def bench_tokens(num_tokens, weights, args, device, roof, kernels):
     methods = {"ours": ours(kernels), "per_expert_loop": per_expert_loop}
     if grouped_mm_fn() is not None:
         methods["torch_grouped_mm"] = torch_grouped
+    expected = per_expert_loop(x, router, w13, w2, args.top_k).float()
+    scale = expected.abs().max().item()
     rows = []
     for name, fn in methods.items():
         row = {"tokens": num_tokens, "method": name, "distinct_experts": distinct, "bytes": nbytes, "flops": flops}
         try:
-            stats = time_fn(lambda: fn(x, router, w13, w2, args.top_k), device, args.warmup, args.iters)
+            out = fn(x, router, w13, w2, args.top_k)
         except (RuntimeError, TypeError, NotImplementedError) as error:  # e.g. grouped_mm's dtype/shape limits
+            if name == "ours":
+                raise   # our kernel crashing is a failure, not a row
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
             rows.append(row)
             continue
+        row["max_rel_diff"] = (out.float() - expected).abs().max().item() / max(scale, 1e-30)
+        row["ok"] = bool(row["max_rel_diff"] <= MAX_RELATIVE_DIFF[x.dtype])   # NaN fails too
+        stats = time_fn(lambda: fn(x, router, w13, w2, args.top_k), device, args.warmup, args.iters)
         us = stats["median_us"]
         row.update(us=us, min_us=stats["min_us"], tb_s=nbytes / (us * 1e-6) / 1e12,
                    tflop_s=flops / (us * 1e-6) / 1e12)
@@ -168,7 +183,15 @@ def plot(rows, path):
     print(f"wrote {path}")
 
 
-def main():
+def check_results(rows):
+    """Raises KernelCheckFailed naming every (tokens, method) whose output is off the per-expert loop."""
+    wrong = [f"T={r['tokens']} {r['method']}: max relative diff {r['max_rel_diff']:.2e}"
+             for r in rows if r.get("ok") is False]
+    if wrong:
+        raise KernelCheckFailed("wrong results (timings not to be trusted): " + "; ".join(wrong))
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, nargs="+", help="default: 1..4096 on GPU, 1..64 on CPU")
@@ -181,7 +204,7 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="PNG path (default: next to --json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -208,7 +231,8 @@ def main():
         rows += bench_tokens(num_tokens, (router, w13, w2), args, device, roof, kernels)
     columns = [("tokens", "T", "{}"), ("method", "method", "{}"), ("distinct_experts", "experts", "{}"),
                ("us", "us", "{:.1f}"), ("tb_s", "TB/s", "{:.4g}"), ("frac_hbm", "%HBM", "{:.1%}"),
-               ("tflop_s", "TFLOP/s", "{:.4g}"), ("frac_peak", "%peak", "{:.1%}"), ("error", "error", "{}")]
+               ("tflop_s", "TFLOP/s", "{:.4g}"), ("frac_peak", "%peak", "{:.1%}"),
+               ("max_rel_diff", "rel diff", "{:.1e}"), ("error", "error", "{}")]
     print_table(rows, columns)
     payload = {"benchmark": "moe", "machine": machine_info(device), "roofline": roof, "kernels": kernels,
                "shape": {"experts": args.experts, "top_k": args.top_k, "hidden": hidden, "inter": inter,
@@ -217,7 +241,13 @@ def main():
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if plot_path:
         plot(rows, plot_path)
+    check_results(rows)
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KernelCheckFailed as failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        sys.exit(1)

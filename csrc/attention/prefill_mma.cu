@@ -34,12 +34,6 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
-#ifndef XVERSE_DYNAMIC_SHARED  // until common/launch.cuh provides it
-#define XVERSE_DYNAMIC_SHARED(T, name)                                  \
-  extern __shared__ __align__(16) unsigned char xverse_dynamic_smem[]; \
-  T* name = reinterpret_cast<T*>(xverse_dynamic_smem)
-#endif
-
 namespace xverse::attention {
 
 constexpr int kMmaThreads = 128;

@@ -8,6 +8,7 @@
 
 #include <climits>
 
+#include "common/launch.cuh"
 #include "moe/moe_common.cuh"
 #include "ops.h"
 
@@ -94,11 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& 
   auto block_expert_ids = at::empty({max_blocks}, opts);
   auto num_padded = at::empty({1}, opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  moe_align_kernel<<<1, kThreads, 0, stream>>>(ids.data_ptr<int32_t>(), static_cast<int>(num_pairs),
-                                               static_cast<int>(num_experts), static_cast<int>(block_m),
-                                               static_cast<int>(max_blocks), sorted_pair_ids.data_ptr<int32_t>(),
-                                               block_expert_ids.data_ptr<int32_t>(), num_padded.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(moe_align_kernel, 1, kThreads, 0, stream, ids.data_ptr<int32_t>(), static_cast<int>(num_pairs),
+                static_cast<int>(num_experts), static_cast<int>(block_m), static_cast<int>(max_blocks),
+                sorted_pair_ids.data_ptr<int32_t>(), block_expert_ids.data_ptr<int32_t>(),
+                num_padded.data_ptr<int32_t>());
   return {sorted_pair_ids, block_expert_ids, num_padded};
 }
 

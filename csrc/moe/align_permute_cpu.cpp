@@ -1,5 +1,7 @@
 // Align / permute on the CPU: group the T * k (token, expert) pairs by expert, each group padded to a
 // multiple of block_m with the sentinel P = T * k. The twin is moe_align_torch in xverse_engine/ops/moe.py.
+// An id of -1 marks a pair whose expert lives on another tensor-parallel rank: it is skipped (placed nowhere),
+// so the grouped GEMMs never compute it. Any other id outside [0, num_experts) is an error.
 #include <vector>
 
 #include "ops.h"
@@ -28,7 +30,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& t
   std::vector<int64_t> counts(num_experts, 0);
   for (int64_t p = 0; p < num_pairs; ++p) {
     const int64_t e = ids_ptr[p];
-    TORCH_CHECK(e >= 0 && e < num_experts, "moe_align: topk_ids[", p, "] = ", e, " is outside [0, ", num_experts, ")");
+    if (e == -1) continue;  // another rank's expert
+    TORCH_CHECK(e >= 0 && e < num_experts, "moe_align: topk_ids[", p, "] = ", e, " is outside [0, ", num_experts,
+                ") (-1 alone marks another rank's expert)");
     ++counts[e];
   }
   // group_start[e]: first slot of expert e's padded group
@@ -40,7 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& t
   int32_t* sorted_ptr = sorted_pair_ids.data_ptr<int32_t>();
   int32_t* block_ptr = block_expert_ids.data_ptr<int32_t>();
   std::vector<int64_t> cursor(group_start.begin(), group_start.end() - 1);
-  for (int64_t p = 0; p < num_pairs; ++p) sorted_ptr[cursor[ids_ptr[p]]++] = static_cast<int32_t>(p);
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    if (ids_ptr[p] != -1) sorted_ptr[cursor[ids_ptr[p]]++] = static_cast<int32_t>(p);
+  }
   for (int64_t e = 0; e < num_experts; ++e) {
     for (int64_t slot = group_start[e]; slot < group_start[e + 1]; slot += block_m) {
       block_ptr[slot / block_m] = static_cast<int32_t>(e);

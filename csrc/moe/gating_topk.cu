@@ -9,6 +9,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "common/launch.cuh"
 #include "moe/moe_common.cuh"
 #include "ops.h"
 
@@ -195,10 +196,9 @@ std::tuple<at::Tensor, at::Tensor> gating_topk_cuda(const at::Tensor& hidden, co
     const bool vec = hidden_size % 4 == 0 && moe::is_aligned(x.data_ptr(), 4 * sizeof(scalar_t)) &&
                      moe::is_aligned(w.data_ptr(), 16);
     auto kernel = vec ? gating_topk_kernel<scalar_t, true> : gating_topk_kernel<scalar_t, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), weights.data_ptr<float>(),
-                                          ids.data_ptr<int32_t>(), num_tokens, static_cast<int>(hidden_size),
-                                          static_cast<int>(num_experts), static_cast<int>(top_k));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kernel, grid, kThreads, 0, stream, x.data_ptr<scalar_t>(), w.data_ptr<float>(),
+                  weights.data_ptr<float>(), ids.data_ptr<int32_t>(), num_tokens, static_cast<int>(hidden_size),
+                  static_cast<int>(num_experts), static_cast<int>(top_k));
   });
   return {weights, ids};
 }

@@ -19,6 +19,8 @@
 #include <climits>
 #include <type_traits>
 
+#include "common/launch.cuh"
+#include "common/ptx.cuh"
 #include "moe/moe_checks.h"
 #include "moe/moe_common.cuh"
 #include "ops.h"
@@ -78,33 +80,23 @@ struct GemmArgs {
   int block_m;
 };
 
-// ---- PTX wrappers ----------------------------------------------------------------------------------
+// ---- PTX (csrc/common/ptx.cuh) ------------------------------------------------------------------------
 
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  const int src_bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+  ptx::cp_async_16(smem_dst, gmem_src, valid ? 16 : 0);  // 0: the 16 bytes are zero-filled, nothing is read
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
 
 // d += a (16x16, row) * b (16x8, col), fp32 accumulate.
 template <typename scalar_t>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_bf16(d, a, b, d);
   } else {
     static_assert(std::is_same_v<scalar_t, c10::Half>, "tensor-core path is bf16 / fp16 only");
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_f16(d, a, b, d);
   }
 }
 
@@ -141,7 +133,7 @@ __device__ __forceinline__ int fragment_row(int wn, int f) {
 
 template <typename Cfg, typename scalar_t, bool kGateUp>
 __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_mma_kernel(const GemmArgs args) {
-  extern __shared__ __align__(16) uint16_t smem[];
+  XVERSE_DYNAMIC_SHARED(uint16_t, smem);
   uint16_t* smem_a = smem;                                 // [STAGES][BM][LDS]
   uint16_t* smem_b = smem + Cfg::STAGES * Cfg::A_STAGE;    // [STAGES][BNW][LDS]
   __shared__ int64_t row_src[Cfg::BM];  // A row for each tile row (token for gate_up, pair for down), -1: padding
@@ -348,8 +340,7 @@ template <typename Cfg, typename scalar_t, bool kGateUp>
 void launch_mma(const GemmArgs& args, int64_t num_blocks, cudaStream_t stream) {
   const int64_t cols_per_cta = kGateUp ? Cfg::BNW / 2 : Cfg::BNW;
   const dim3 grid(static_cast<unsigned>(num_blocks), static_cast<unsigned>(moe::ceil_div(args.N, cols_per_cta)));
-  grouped_gemm_mma_kernel<Cfg, scalar_t, kGateUp><<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(grouped_gemm_mma_kernel<Cfg, scalar_t, kGateUp>, grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream, args);
 }
 
 // Picks the kernel: tensor cores when the dtype, alignment and block_m allow, else SIMT.
@@ -369,8 +360,7 @@ void launch_grouped_gemm(const GemmArgs& args, int64_t num_blocks, bool aligned,
   }
   const dim3 grid(static_cast<unsigned>(num_blocks * args.block_m),
                   static_cast<unsigned>(moe::ceil_div(args.N, kSimtThreads)));
-  grouped_gemm_simt_kernel<scalar_t, kGateUp><<<grid, kSimtThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(grouped_gemm_simt_kernel<scalar_t, kGateUp>, grid, kSimtThreads, 0, stream, args);
 }
 
 }  // namespace
@@ -437,10 +427,9 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
   XVERSE_DISPATCH_MOE_TYPES(act.scalar_type(), "moe_down_combine_cuda", [&] {
     launch_grouped_gemm<scalar_t, false>(args, block_expert_ids.numel(), aligned, stream);
     const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(moe::ceil_div(hidden, kCombineThreads)));
-    combine_kernel<scalar_t><<<grid, kCombineThreads, 0, stream>>>(
+    launch_kernel(combine_kernel<scalar_t>, grid, kCombineThreads, 0, stream,
         down.data_ptr<float>(), weights.data_ptr<float>(), shared.defined() ? shared.data_ptr<scalar_t>() : nullptr,
         out.data_ptr<scalar_t>(), static_cast<int>(top_k), static_cast<int>(hidden));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }

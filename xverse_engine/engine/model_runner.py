@@ -139,16 +139,20 @@ class ModelRunner:
         (seq, next token id, logprobs row or None)."""
         input_ids, positions, meta, sample_rows = self.prepare(scheduled)
         sampling_seqs = [item.seq for item in scheduled if item.samples]
-        if meta.is_decode and self.use_cuda_graphs and len(scheduled) <= self.max_num_seqs:
-            logits = self._replay_decode_graph(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta, self.kv_caches)
-            logits = self.model.compute_logits(hidden[sample_rows]) if sampling_seqs else None
+        logits = self.forward(input_ids, positions, meta, sample_rows)
         if not sampling_seqs:
             return []
         tokens, logprobs = sample(logits, self.sampling_batch(sampling_seqs))
         tokens = tokens.tolist()
         return [(seq, tokens[i], None if logprobs is None else logprobs[i]) for i, seq in enumerate(sampling_seqs)]
+
+    def forward(self, input_ids, positions, meta, sample_rows):
+        """The model on one prepared step -> logits [S, V] of the sample rows (None when S = 0).
+        Tensor-parallel workers call it with the inputs rank 0 broadcast (distributed/runner.py)."""
+        if meta.is_decode and self.use_cuda_graphs and meta.context_lens.shape[0] <= self.max_num_seqs:
+            return self._replay_decode_graph(input_ids, positions, meta)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        return self.model.compute_logits(hidden[sample_rows]) if sample_rows.numel() else None
 
     # ---- CUDA graphs for decode -----------------------------------------------------------------------
     def graph_batch_sizes(self) -> list:

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed.parallel_state import SINGLE
 from ..ops import paged_attention_decode, paged_attention_prefill, reshape_and_cache
 from .rotary import RotaryEmbedding
 
@@ -22,12 +23,17 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) attention over a paged KV cache; q/k/v packed into one GEMM."""
+    """Multi-head (or grouped-query) attention over a paged KV cache; q/k/v packed into one GEMM.
 
-    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None):
+    Tensor parallel (tp.size > 1): this rank holds heads [r * n / N, (r + 1) * n / N) of q and of k/v
+    (qkv column-parallel), caches only those, and its o_proj columns give a partial sum (row-parallel)
+    that one all-reduce completes."""
+
+    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None, tp=SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.num_heads = config.num_attention_heads // tp.size      # this rank's heads
+        self.num_kv_heads = config.num_key_value_heads // tp.size
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         self.kernels = kernels
@@ -55,4 +61,4 @@ class Attention(nn.Module):
         else:
             out = paged_attention_prefill(q, key_cache, value_cache, meta.block_tables, meta.query_start_loc,
                                           meta.context_lens, self.scale, kernels=self.kernels)
-        return self.o_proj(out.reshape(T, q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(T, q_size)))  # tp: sum the ranks' partials

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from ..distributed.parallel_state import SINGLE
 from ..ops import fused_moe
 from .mlp import SwiGLU
 
@@ -10,21 +11,29 @@ class MoE(nn.Module):
 
     Experts are stacked so one grouped GEMM serves them all: w13 [E, 2I, H] (gate rows, then up rows)
     and w2 [E, H, I]. The router stays float32 as in the checkpoint.
+
+    Tensor parallel (tp.size > 1): experts are split (expert parallel: rank r holds [r E/N, (r+1) E/N));
+    the fp32 router is replicated so every rank picks the same top-k, and runs only the pairs of its own
+    experts. The shared experts are split over their intermediate size. One all-reduce sums the ranks'
+    routed + shared partials.
     """
 
-    def __init__(self, config, dtype, device, kernels: str):
+    def __init__(self, config, dtype, device, kernels: str, tp=SINGLE):
         super().__init__()
-        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        H, I = config.hidden_size, config.intermediate_size
+        self.first_expert, E = tp.shard(config.num_experts)    # this rank's experts
+        self.tp = tp
         self.top_k = config.moe_top_k
         self.kernels = kernels
-        self.router = nn.Linear(H, E, bias=False, dtype=torch.float32, device=device)
+        self.router = nn.Linear(H, config.num_experts, bias=False, dtype=torch.float32, device=device)
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, H, I, dtype=dtype, device=device), requires_grad=False)
-        self.shared_experts = (SwiGLU(H, config.shared_intermediate_size, dtype, device)
+        self.shared_experts = (SwiGLU(H, config.shared_intermediate_size // tp.size, dtype, device)
                                if config.num_shared_experts > 0 else None)
 
     def forward(self, x):
         # x: [T, H] -> [T, H]
         shared = self.shared_experts(x) if self.shared_experts is not None else None
-        return fused_moe(x, self.router.weight, self.w13, self.w2, self.top_k, shared_out=shared,
-                         kernels=self.kernels)
+        out = fused_moe(x, self.router.weight, self.w13, self.w2, self.top_k, shared_out=shared,
+                        kernels=self.kernels, first_expert=self.first_expert)
+        return self.tp.all_reduce(out)  # tp: one all-reduce for routed + shared partials

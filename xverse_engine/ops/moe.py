@@ -47,16 +47,24 @@ def gating_topk_torch(hidden, router_weight, top_k: int):
 
 def moe_align_torch(topk_ids, num_experts: int, block_m: int):
     # topk_ids: [T, k] -> sorted_pair_ids [max_blocks * block_m], block_expert_ids [max_blocks], num_padded [1]
+    # An id of -1 marks a pair whose expert lives on another tensor-parallel rank: it is placed nowhere,
+    # so the GEMMs skip it and its rows stay 0. Any other id outside [0, num_experts) is an error.
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     max_blocks = max_padded_blocks(num_pairs, num_experts, block_m)
     expert_of_pair = topk_ids.reshape(-1).long()                              # [P]
-    counts = torch.bincount(expert_of_pair, minlength=num_experts)           # [E]
+    bad = (expert_of_pair < -1) | (expert_of_pair >= num_experts)
+    if bad.any():
+        p = int(bad.nonzero()[0])
+        raise RuntimeError(f"moe_align: topk_ids[{p}] = {int(expert_of_pair[p])} is outside [0, {num_experts}) "
+                           f"(-1 alone marks another rank's expert)")
+    local = (expert_of_pair >= 0).nonzero().squeeze(1)                      # [P_local] pairs to place
+    counts = torch.bincount(expert_of_pair[local], minlength=num_experts)   # [E]
     padded = (counts + block_m - 1) // block_m * block_m                     # [E]
     group_start = torch.cumsum(padded, 0) - padded                           # [E]
-    order = torch.sort(expert_of_pair, stable=True).indices                  # pair ids, grouped by expert
+    order = local[torch.sort(expert_of_pair[local], stable=True).indices]   # local pair ids, grouped by expert
     expert_sorted = expert_of_pair[order]
-    rank_in_group = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[expert_sorted]
+    rank_in_group = torch.arange(order.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[expert_sorted]
     sorted_pair_ids = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
     sorted_pair_ids[group_start[expert_sorted] + rank_in_group] = order.to(torch.int32)
     expert_blocks = torch.repeat_interleave(torch.arange(num_experts, device=device), padded // block_m)
@@ -121,13 +129,25 @@ def op(name: str, kernels: str):
     return getattr(torch.ops.xverse, name)
 
 
-def fused_moe(x, router_weight, w13, w2, top_k: int, shared_out=None, kernels: str = "torch"):
+def local_expert_ids(topk_ids, first_expert: int, num_local: int):
+    """Expert parallelism: global ids [T, k] -> this rank's local ids, -1 where the expert lives on another
+    rank (moe_align skips -1, so those pairs are never computed here)."""
+    local = topk_ids - first_expert
+    return torch.where((local >= 0) & (local < num_local), local, torch.full_like(local, -1))
+
+
+def fused_moe(x, router_weight, w13, w2, top_k: int, shared_out=None, kernels: str = "torch",
+              first_expert: int = 0):
     """The routed experts of one MoE block, plus `shared_out` added at the end.
-    x: [T, H]  router_weight: [E, H] fp32  w13: [E, 2I, H]  w2: [E, H, I]  shared_out: [T, H]  ->  [T, H]"""
-    num_experts = router_weight.shape[0]
+    x: [T, H]  router_weight: [E, H] fp32  w13: [E_local, 2I, H]  w2: [E_local, H, I]  shared_out: [T, H]
+    -> [T, H]. Under expert parallelism w13/w2 hold experts [first_expert, first_expert + E_local) only and
+    the result is this rank's partial sum (pairs of other ranks' experts contribute 0)."""
+    num_experts, num_local = router_weight.shape[0], w13.shape[0]
     block_m = choose_block_m(x.shape[0] * top_k, num_experts)
     weights, ids = op("gating_topk", kernels)(x, router_weight, top_k)
-    sorted_ids, block_ids, num_padded = op("moe_align", kernels)(ids, num_experts, block_m)
+    if num_local != num_experts:
+        ids = local_expert_ids(ids, first_expert, num_local)
+    sorted_ids, block_ids, num_padded = op("moe_align", kernels)(ids, num_local, block_m)
     act = op("moe_gate_up", kernels)(x, w13, sorted_ids, block_ids, num_padded, top_k, block_m)
     return op("moe_down_combine", kernels)(act, w2, sorted_ids, block_ids, num_padded, weights, shared_out,
                                            block_m)
