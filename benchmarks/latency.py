@@ -13,8 +13,9 @@ import random
 import time
 
 from benchmarks.common import machine_info, print_table, write_json
-from benchmarks.throughput import (add_engine_args, check_fits, cli, compare_with_reference, decode_ceiling,
-                                   engine_info, greedy_params, make_engine, measure_roofline, random_prompts)
+from benchmarks.throughput import (add_engine_args, check_fits, cli, communication, compare_with_reference,
+                                   decode_ceiling, engine_info, greedy_params, make_engine, measure_roofline,
+                                   print_communication, random_prompts)
 
 
 def parse_args(argv=None):
@@ -90,6 +91,8 @@ def run_reference(engine, args, rng) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare_reference and args.tensor_parallel_size > 1:
+        raise ValueError("--compare-reference runs the model in one process; drop it with --tensor-parallel-size")
     engine = make_engine(args)
     check_fits(engine, args.input_len, args.output_len)
     rng = random.Random(args.seed)
@@ -104,7 +107,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "latency", "machine": machine_info(engine.device), "engine": engine_info(engine),
                "workload": {"batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
                             "warmup_iters": args.warmup_iters, "iters": args.iters, "sampling": "greedy, ignore_eos"},
-               "results": result, "roofline": roofline}
+               "results": result, "roofline": roofline, "communication": communication(engine, args.batch_size)}
     if args.compare_reference:
         def reference_fields():
             ref = run_reference(engine, args, rng)
@@ -140,6 +143,7 @@ def report(payload: dict):
           f"{100 * res['fraction_of_decode_ceiling']:.1f}% of the {roof['ceiling_tokens_per_s']:.1f} tok/s ceiling "
           f"({roof['bound']}-bound; {roof['bytes_per_step'] / 1e9:.3f} GB/step at "
           f"{roof['hbm_bytes_per_s'] / 1e9:.1f} GB/s measured)")
+    print_communication(payload)
     if "speedup_vs_reference" in payload:
         s = payload["speedup_vs_reference"]
         print(f"engine vs reference path (p50): end-to-end {s['e2e']:.2f}x, TTFT {s['ttft']:.2f}x, "

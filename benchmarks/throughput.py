@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser):
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks (GPUs, or CPU processes) to split the model over")
     p.add_argument("--compare-reference", action="store_true",
                    help="also run the workload through the model's own reference path and report the ratio")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
@@ -56,7 +58,8 @@ def make_engine(args):
     return Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                   load_format=args.load_format, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                   num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                  enforce_eager=args.enforce_eager, seed=args.seed, show_progress=False)
+                  enforce_eager=args.enforce_eager, seed=args.seed, show_progress=False,
+                  tensor_parallel_size=args.tensor_parallel_size)
 
 
 def engine_info(engine) -> dict:
@@ -65,7 +68,28 @@ def engine_info(engine) -> dict:
             "num_kv_blocks": engine.runner.num_kv_blocks, "block_size": engine.runner.block_size,
             "kv_capacity_tokens": engine.runner.num_kv_blocks * engine.runner.block_size,
             "max_num_seqs": engine.runner.max_num_seqs, "max_model_len": engine.max_model_len,
-            "load_seconds": engine.load_seconds}
+            "load_seconds": engine.load_seconds, "tensor_parallel_size": engine.tensor_parallel_size}
+
+
+def communication(engine, decode_batch: int) -> dict:
+    """Bytes moved between tensor-parallel ranks per layer and per step: a decode step of `decode_batch`
+    sequences and a full prefill step of max_num_batched_tokens (2 * T * H * bytes per all-reduce)."""
+    from xverse_engine.distributed.comm_volume import communication_volume
+    size = torch.empty((), dtype=engine.dtype).element_size()
+    n = engine.tensor_parallel_size
+    return {"decode_step": communication_volume(engine.config, n, decode_batch, decode_batch, size),
+            "prefill_step": communication_volume(engine.config, n, engine.max_num_batched_tokens, 1, size)}
+
+
+def print_communication(payload: dict):
+    comm = payload.get("communication")
+    if not comm or comm["decode_step"]["tensor_parallel_size"] == 1:
+        return
+    for name, c in comm.items():
+        print(f"tensor parallel x{c['tensor_parallel_size']}, {name.replace('_', ' ')} of {c['tokens']} tokens: "
+              f"{c['all_reduces_per_layer']} all-reduces of {c['all_reduce_bytes'] / 1e6:.3f} MB per layer "
+              f"({c['bytes_per_layer'] / 1e6:.3f} MB), {c['bytes_per_step'] / 1e6:.3f} MB per step "
+              f"(incl. logits all-gather {c['logits_gather_bytes'] / 1e6:.3f} MB)")
 
 
 def random_prompts(rng: random.Random, lengths: list, vocab_size: int) -> list:
@@ -134,7 +158,11 @@ def decode_step_cost(config, weight_bytes: int, kv_bytes: int, batch: int, conte
     weights = L * layer_bytes + (V * H + H + batch * H) * weight_bytes           # + lm_head, final norm, embed rows
     kv_per_token = L * 2 * Nkv * D * kv_bytes
     kv = batch * (context_len * kv_per_token + kv_per_token)                    # read the context, write one
-    flops_per_token = 2 * (L * (attention + mlp_params_per_token) + V * H) + 4 * L * Nq * D * context_len
+    router_params = config.num_experts * H if config.is_moe else 0
+    # 2 FLOPs per weight of every matmul a token goes through (the embedding is a lookup), plus attention's
+    # QK^T and PV: 2 x 2 FLOPs per head dim per context token per head
+    flops_per_token = (2 * (L * (attention + mlp_params_per_token + router_params) + V * H)
+                       + 4 * L * Nq * D * context_len)
     return {"batch": batch, "context_len": context_len, "distinct_experts_per_layer": distinct,
             "weight_bytes_per_step": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv,
             "flops_per_step": batch * flops_per_token}
@@ -224,6 +252,8 @@ def rates(num_requests: int, input_tokens: int, output_tokens: int, elapsed: flo
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare_reference and args.tensor_parallel_size > 1:
+        raise ValueError("--compare-reference runs the model in one process; drop it with --tensor-parallel-size")
     engine = make_engine(args)
     if args.max_batch:
         args.num_prompts = max_batch_that_fits(engine, args.input_len, args.output_len)
@@ -265,7 +295,7 @@ def main(argv=None) -> dict:
                             "output_len": args.output_len, "range_ratio": args.range_ratio,
                             "max_batch": args.max_batch, "sampling": "greedy, ignore_eos"},
                "max_batch_that_fits": max_batch_that_fits(engine, args.input_len, args.output_len),
-               "results": result, "roofline": roofline}
+               "results": result, "roofline": roofline, "communication": communication(engine, concurrency)}
     if args.compare_reference:
         def reference_fields():
             batch = args.reference_batch_size or min(len(prompts), engine.runner.max_num_seqs)
@@ -301,6 +331,7 @@ def report(payload: dict):
           f"{100 * payload['results']['fraction_of_decode_ceiling']:.1f}% of it")
     print(f"largest batch that fits at {w['input_len']}+{w['output_len']} tokens: {payload['max_batch_that_fits']} "
           f"({payload['engine']['kv_capacity_tokens']} KV tokens); preemptions: {payload['results']['num_preemptions']}")
+    print_communication(payload)
     if "speedup_vs_reference" in payload:
         print(f"engine / reference path: {payload['speedup_vs_reference']:.2f}x output tokens/s")
     elif ref:

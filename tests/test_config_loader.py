@@ -203,7 +203,8 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize("kwargs, error, pattern", [
     (dict(dtype="float8"), ValueError, "dtype='float8'"),
     (dict(kernels="triton"), ValueError, "kernels='triton'"),
-    (dict(tensor_parallel_size=2), NotImplementedError, "tensor_parallel_size=2"),
+    (dict(tensor_parallel_size=3), ValueError, "tensor_parallel_size=3 does not divide"),
+    (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size must be a positive integer"),
     (dict(load_format="gguf"), ValueError, "load_format='gguf'"),
     (dict(num_kv_blocks=4, block_size=16), KVCacheTooSmall, "max_model_len=256"),
     (dict(max_model_len=100000), ValueError, "max_model_len=100000"),

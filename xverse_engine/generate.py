@@ -54,6 +54,8 @@ def parse_args(argv=None):
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N GPUs (or N CPU processes); under torchrun, the job's world size")
     e.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     return p.parse_args(argv)
 
@@ -84,7 +86,8 @@ def run(args) -> int:
     engine = Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                     load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                    enforce_eager=args.enforce_eager, show_progress=not args.quiet)
+                    enforce_eager=args.enforce_eager, show_progress=not args.quiet,
+                    tensor_parallel_size=args.tensor_parallel_size)
     print(f"# model {engine.model_path} | {engine.device} | {str(engine.dtype).replace('torch.', '')} | "
           f"kernels={engine.kernels} | loaded in {engine.load_seconds:.1f}s", file=sys.stderr)
     start = time.perf_counter()

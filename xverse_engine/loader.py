@@ -3,8 +3,14 @@
 Shards stream one at a time (one tensor at a time for safetensors, memory-mapped for .bin), each tensor
 copied straight into its slot of the model's parameters, so peak host memory stays near one shard.
 Each checkpoint name maps to (parameter, slice): q/k/v rows of qkv_proj, expert e's gate/up/down rows
-of the stacked w13 / w2, gate/up rows of a gate_up_proj. Every expected tensor must arrive exactly once
+of the stacked w13 / w2, gate/up rows of a gate_up_proj. The shared experts' one SwiGLU of S * I goes into
+the stack as S more experts of I (E .. E+S-1) when the model folds them there (MoE with lean=True): the
+intermediate dim splits exactly, since down(silu(g) * u) is a sum over it. Every expected tensor must arrive exactly once
 with its exact shape; anything else is an error naming the tensor and the file.
+
+Tensor parallel: a `sharding` (distributed/sharding.py) says which rows or columns of each tensor this rank
+holds; only those bytes are read (safetensors slices, memory-mapped .bin views), and other ranks' experts
+are never touched, so a rank's host memory stays near its share of the model.
 """
 import glob
 import json
@@ -58,11 +64,20 @@ def expected_tensors(config) -> dict:
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _QKV = re.compile(r"^(layers\.\d+\.self_attn)\.([qkv])_proj\.weight$")
 _GATE_UP = re.compile(r"^(layers\.\d+\.mlp(?:\.shared_experts)?)\.(gate|up)_proj\.weight$")
+_SHARED = re.compile(r"^(layers\.\d+\.mlp)\.shared_experts\.(gate|up|down)_proj\.weight$")
 
 
 def parameter_slot(params: dict, config, name: str) -> torch.Tensor:
     """The view of a model parameter that checkpoint tensor `name` fills."""
     short = name[len("model."):] if name.startswith("model.") else name
+    m = _SHARED.match(short)
+    if m and m.group(1) + ".shared_experts.gate_up_proj.weight" not in params:  # folded: experts E .. E+S-1
+        prefix, which = m.group(1), m.group(2)
+        E, I, S = config.num_experts, config.intermediate_size, config.num_shared_experts
+        if which == "down":
+            return params[prefix + ".w2"][E:E + S]                             # [S, H, I]
+        rows = slice(0, I) if which == "gate" else slice(I, 2 * I)
+        return params[prefix + ".w13"][E:E + S, rows]                         # [S, I, H]
     if m := _EXPERT.match(short):
         prefix, expert, which = m.group(1), int(m.group(2)), m.group(3)
         if which == "down":
@@ -81,6 +96,16 @@ def parameter_slot(params: dict, config, name: str) -> torch.Tensor:
         half = packed.shape[0] // 2
         return packed[:half] if m.group(2) == "gate" else packed[half:]
     return params[short]
+
+
+def fit_to_slot(tensor: torch.Tensor, slot: torch.Tensor, name: str) -> torch.Tensor:
+    """The checkpoint tensor viewed in its slot's shape: a folded shared expert's [S * I, H] gate/up rows
+    become [S, I, H], its [H, S * I] down columns [S, H, I]; anything else is already in shape."""
+    if tuple(tensor.shape) == tuple(slot.shape):
+        return tensor
+    if name.endswith("down_proj.weight"):
+        return tensor.view(tensor.shape[0], slot.shape[0], slot.shape[2]).transpose(0, 1)
+    return tensor.view(slot.shape)
 
 
 def find_weight_files(path: str, load_format: str):
@@ -117,18 +142,32 @@ def find_weight_files(path: str, load_format: str):
                           f"*.safetensors or pytorch_model*.bin shards, or use load_format='dummy'")
 
 
+def _narrow(tensor, selection):
+    return tensor if selection is None else tensor.narrow(selection[0], selection[1], selection[2])
+
+
 def _read_shard(file: str, fmt: str):
-    """Yields (name, tensor) of one shard, a tensor at a time."""
+    """Yields (name, shape, read) of one shard, a tensor at a time; read(selection) returns the tensor, or
+    only the (dim, start, count) part of it, reading no other bytes."""
     try:
         if fmt == "safetensors":
             from safetensors import safe_open
             with safe_open(file, framework="pt") as shard:
                 for name in shard.keys():
-                    yield name, shard.get_tensor(name)
+                    lazy = shard.get_slice(name)
+                    shape = tuple(lazy.get_shape())
+
+                    def read(selection, name=name, lazy=lazy):
+                        if selection is None:
+                            return shard.get_tensor(name)
+                        dim, start, count = selection
+                        return lazy[(slice(None),) * dim + (slice(start, start + count),)]
+                    yield name, shape, read
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             for name in list(state.keys()):
-                yield name, state.pop(name)
+                tensor = state.pop(name)  # memory-mapped: only the bytes a selection copies are read
+                yield name, tuple(tensor.shape), lambda selection, tensor=tensor: _narrow(tensor, selection)
     except CheckpointError:
         raise
     except Exception as error:  # truncated, corrupt or foreign file: name it
@@ -136,8 +175,10 @@ def _read_shard(file: str, fmt: str):
                               f"truncated or corrupt; download it again") from None
 
 
-def load_weights(model, config, path: str, load_format: str = "auto", show_progress: bool = True):
-    """Fills `model`'s parameters from the checkpoint at `path` (or randomly for "dummy")."""
+def load_weights(model, config, path: str, load_format: str = "auto", show_progress: bool = True,
+                 sharding=None):
+    """Fills `model`'s parameters from the checkpoint at `path` (or randomly for "dummy"); with a tensor
+    parallel `sharding`, only this rank's slices."""
     if load_format == "dummy":
         return init_dummy_weights(model, config)
     fmt, files = find_weight_files(path, load_format)
@@ -146,19 +187,23 @@ def load_weights(model, config, path: str, load_format: str = "auto", show_progr
     loaded = set()
     bar = tqdm(files, desc=f"Loading {len(files)} {fmt} shard(s)", unit="shard", disable=not show_progress)
     for file in bar:
-        for name, tensor in _read_shard(file, fmt):
+        for name, shape, read in _read_shard(file, fmt):
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a buffer some exports keep; we compute it
             if name not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {os.path.basename(file)}: not part of an "
                                       f"XVERSE model with this config.json (check num_experts, num_hidden_layers)")
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(f"tensor {name!r} in {os.path.basename(file)} has shape {tuple(tensor.shape)}, "
+            if shape != expected[name]:
+                raise CheckpointError(f"tensor {name!r} in {os.path.basename(file)} has shape {shape}, "
                                       f"config.json implies {expected[name]}")
             if name in loaded:
                 raise CheckpointError(f"tensor {name!r} appears twice (again in {os.path.basename(file)})")
-            parameter_slot(params, config, name).copy_(tensor)
             loaded.add(name)
+            if sharding is None:
+                slot = parameter_slot(params, config, name)
+                slot.copy_(fit_to_slot(read(None), slot, name))
+            elif (selection := sharding.selection(name)) != "skip":  # "skip": another rank's expert
+                sharding.slot(params, name).copy_(read(selection))
     missing = [name for name in expected if name not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -16,6 +16,11 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig, load_generation_config, resolve_model_path
+from ..distributed import SINGLE, check_tensor_parallel
+from ..distributed.launcher import start as start_workers
+from ..distributed.runner import DriverRunner
+from ..distributed.sharding import CheckpointSharding
+from ..distributed.worker import RankSpec, rank_device
 from ..loader import LOAD_FORMATS, load_weights
 from ..model import XverseForCausalLM
 from ..ops import resolve_kernels
@@ -75,9 +80,6 @@ class Engine:
                  enforce_eager: bool = False, tensor_parallel_size: int = 1, seed: int = 0,
                  max_num_batched_tokens: Optional[int] = None, show_progress: bool = True,
                  log_stats_interval: float = 10.0, async_scheduling: bool = True):
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(f"tensor_parallel_size={tensor_parallel_size}: only 1 GPU is supported so "
-                                      f"far; XVERSE-MoE-A4.2B (51.6 GB in bf16) fits one 80 GB card")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={load_format!r} is not one of {LOAD_FORMATS}")
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
@@ -90,6 +92,7 @@ class Engine:
 
         self.model_path = resolve_model_path(model)
         self.config = ModelConfig.from_pretrained(self.model_path)
+        check_tensor_parallel(self.config, tensor_parallel_size)  # before any process starts
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         self.kernels = resolve_kernels(kernels, self.device.type)
@@ -113,16 +116,35 @@ class Engine:
                              f"a step must hold one token of every running sequence; raise max_num_batched_tokens "
                              f"or lower max_num_seqs")
 
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        self.model = XverseForCausalLM(self.config, self.dtype, self.device, self.kernels, self.max_model_len)
-        load_weights(self.model, self.config, self.model_path, load_format, show_progress=show_progress)
-        self.load_seconds = time.perf_counter() - start
-        self.runner = ModelRunner(
-            self.model, self.config, device=self.device, dtype=self.dtype, kernels=self.kernels,
-            block_size=block_size, max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+        runner_kwargs = dict(block_size=block_size, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=self.max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
+                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+        # -- tensor parallel (xverse_engine/distributed): spawn / join the workers; this process is rank 0
+        self.workers, tp = None, SINGLE
+        if tensor_parallel_size > 1:
+            self.workers = start_workers(tensor_parallel_size, RankSpec(
+                self.model_path, self.device.type, self.dtype, self.kernels, load_format, self.max_model_len, seed,
+                runner_kwargs, cpu_threads=max(1, torch.get_num_threads() // tensor_parallel_size)))
+            tp = self.workers.tp
+            self.device = rank_device(self.device.type, 0)
+        try:
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            self.model = XverseForCausalLM(self.config, self.dtype, self.device, self.kernels, self.max_model_len,
+                                           tp=tp)
+            load_weights(self.model, self.config, self.model_path, load_format, show_progress=show_progress,
+                         sharding=CheckpointSharding(self.config, tp) if tp.size > 1 else None)
+            self.load_seconds = time.perf_counter() - start
+            runner_class, extra = ModelRunner, {}
+            if self.workers is not None:
+                self.workers.wait_ready()
+                runner_class, extra = DriverRunner, {"workers": self.workers}
+            self.runner = runner_class(self.model, self.config, device=self.device, dtype=self.dtype,
+                                       kernels=self.kernels, max_model_len=self.max_model_len, **runner_kwargs,
+                                       **extra)
+        except BaseException:  # a failed (or interrupted) start stops the workers it started
+            self.shutdown()
+            raise
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.rng = random.Random(seed)
@@ -379,6 +401,22 @@ class Engine:
                 self.abort(request_id)
             for request_id in index_of:
                 self._requests.pop(request_id, None)
+
+    # ---- tensor parallel -----------------------------------------------------------------------------
+    @property
+    def tensor_parallel_size(self) -> int:
+        """tensor_parallel_size: ranks the model is split over."""
+        return self.workers.tp.size if self.workers is not None else 1
+
+    @property
+    def worker_pids(self) -> list:
+        """The pids of the tensor-parallel worker processes this engine started ([] when N = 1)."""
+        return self.workers.worker_pids if self.workers is not None else []
+
+    def shutdown(self):
+        """Stops the tensor-parallel workers (also done at `del engine` and at interpreter exit)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ---- metrics -------------------------------------------------------------------------------------------
     def stats(self) -> dict:
