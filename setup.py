@@ -3,6 +3,8 @@
 CPU kernels are always built. CUDA kernels are built when torch is a CUDA build and nvcc is found
 (CUDA_HOME); set XVERSE_NO_CUDA=1 to skip them, XVERSE_CUDA_ARCH to change the target (default 90a),
 XVERSE_PTXAS_VERBOSE=1 to print the register / shared-memory report of every kernel.
+The CPU SIMT emulator's extension (xverse_engine._emu, every .cu compiled as C++) is built too; XVERSE_NO_EMU=1
+skips it.
 Install without build isolation so the extension is built against the torch you run:
     pip install --no-build-isolation -e .
 """
@@ -99,15 +101,45 @@ else:
         extra_compile_args={"cxx": cxx_flags},
     )
 
+def emulated_extension():
+    """xverse_engine._emu: the same .cu sources compiled as C++ for the CPU SIMT emulator (csrc/emu/), used by
+    `pytest -m emu`. Skipped with XVERSE_NO_EMU=1, or (with a message) when no cuda_bf16.h is found."""
+    if os.environ.get("XVERSE_NO_EMU") == "1":
+        return []
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("emulated_build", os.path.join("xverse_engine", "ops",
+                                                                                 "emulated_build.py"))
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    if emu.cuda_include_dir() is None:
+        print("xverse_engine: no cuda_bf16.h found (CUDA toolkit or nvidia wheels): not building the CPU emulator")
+        return []
+    build_dir = os.path.abspath(os.path.join("build", "emu_sources"))
+    return [CppExtension(
+        "xverse_engine._emu",
+        sources=[os.path.relpath(s) for s in emu.sources(build_dir)],
+        include_dirs=emu.include_dirs(build_dir),
+        extra_compile_args={"cxx": emu.cxx_flags()},
+        extra_link_args=emu.link_flags(),
+    )]
+
+
+SERVE_REQUIRES = ["fastapi>=0.100", "uvicorn>=0.23", "pydantic>=2", "prometheus-client>=0.17"]
+
 setup(
     name="xverse_engine",
     version="0.1.0",
     description="A fast, readable inference engine for the XVERSE mixture-of-experts LLMs",
     packages=find_packages(include=["xverse_engine", "xverse_engine.*"]),
-    package_data={"xverse_engine": ["assets/*/*", "assets/*.json"]},
+    package_data={"xverse_engine": ["assets/*/*", "assets/*.json", "server/static/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
-    extras_require={"test": ["pytest>=7", "sentencepiece"], "bench": ["matplotlib"]},
-    ext_modules=[extension],
+    extras_require={"test": ["pytest>=7", "sentencepiece", *SERVE_REQUIRES, "openai>=1", "selenium>=4",
+                             # cuobjdump / nvdisasm for the SASS checks (tests/test_attention_sass.py)
+                             "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
+                             "nvidia-cuda-nvdisasm; platform_system == 'Linux'"],
+                    "bench": ["matplotlib"], "serve": SERVE_REQUIRES},
+    entry_points={"console_scripts": ["xverse-serve = xverse_engine.serve:main"]},
+    ext_modules=[extension] + emulated_extension(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

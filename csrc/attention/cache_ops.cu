@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "attention/attention_checks.h"
+#include "common/launch.cuh"
 #include "ops.h"
 
 namespace xverse {
@@ -54,12 +55,11 @@ void launch_cache_write(const at::Tensor& key, const at::Tensor& value, at::Tens
   const int head_packs = static_cast<int>(packs(key.size(2)));
   const int threads = std::min(256, std::max(32, num_kv_heads * head_packs));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  reshape_and_cache_kernel<Pack><<<static_cast<unsigned>(key.size(0)), threads, 0, stream>>>(
+  launch_kernel(reshape_and_cache_kernel<Pack>, static_cast<unsigned>(key.size(0)), threads, 0, stream,
       static_cast<const Pack*>(key.data_ptr()), static_cast<const Pack*>(value.data_ptr()),
       static_cast<Pack*>(key_cache.data_ptr()), static_cast<Pack*>(value_cache.data_ptr()),
       slot_mapping.data_ptr<int64_t>(), packs(key.stride(0)), packs(key.stride(1)), packs(value.stride(0)),
       packs(value.stride(1)), num_kv_heads, head_packs, static_cast<int>(key_cache.size(2)), key_cache.size(0));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -1,0 +1,400 @@
+"""Load generator for `python -m xverse_engine.serve`: the server's throughput and latency under load, and how
+close it comes to offline Engine.generate on the same requests in the same run.
+
+1. Offline: the N requests through Engine.generate in this process (all at once, ignore_eos, greedy), --repeats
+   times with fresh prompts; the best run counts (other work on a shared machine only slows runs down).
+2. The engine is freed, the server is started (same engine flags) on 127.0.0.1, and the same N requests are sent
+   all at once as streaming /v1/completions: "saturation" (best of --repeats, the same prompt sets). Its output
+   tokens/s over offline's is the fraction the server keeps (goal: >= 0.95).
+3. Then one level per --concurrency value (fixed number of requests in flight) and per --request-rate value
+   (Poisson arrivals, requests/s; "inf" sends all at once), each with fresh prompts: request throughput,
+   TTFT / TPOT / end-to-end percentiles. JSON (--json) and a PNG of latency against load (--plot).
+
+The client is a small asyncio HTTP/1.1 reader (no client library), so it takes little CPU from the server when
+both share a machine.
+
+  python -m benchmarks.serve_bench --device cpu --num-prompts 64 --input-len 32 --output-len 64 \\
+      --concurrency 1,4,16,64 --json benchmarks/out/serve.json --plot benchmarks/out/serve.png
+  python -m benchmarks.serve_bench --model /ckpt/XVERSE-MoE-A4.2B --num-prompts 512 --input-len 512 \\
+      --output-len 256 --request-rate 2,8,32,inf
+"""
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from benchmarks.common import machine_info, print_table, write_json
+
+HOST = "127.0.0.1"
+FIRST_ID = 10   # random prompts avoid the special tokens (ids 0..5) and a little margin
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 2)[2])
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-prompts", type=int, default=64, help="requests per level")
+    w.add_argument("--input-len", type=int, default=32)
+    w.add_argument("--output-len", type=int, default=64)
+    w.add_argument("--concurrency", default="1,4,16,64",
+                   help="comma-separated levels of requests in flight ('' for none)")
+    w.add_argument("--request-rate", default="", help="comma-separated Poisson rates in requests/s; 'inf' = all at "
+                   "once ('' for none)")
+    w.add_argument("--repeats", type=int, default=3, help="offline and saturation runs each; the best counts (other "
+                   "work on the machine only ever slows a run down)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--timeout", type=float, default=1800, help="seconds a level may take before it is abandoned")
+    e = p.add_argument_group("engine (passed to the server as well)")
+    e.add_argument("--model", default=None, help="checkpoint directory or preset (default: the embedded tiny model)")
+    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--kernels", default="auto", choices=["auto", "cuda", "cpu", "torch"])
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--num-kv-blocks", type=int, default=None)
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="plot latency against load")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.request_rate = [float(r) for r in args.request_rate.split(",") if r.strip()]
+    for name in ("num_prompts", "input_len", "output_len", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(c < 1 for c in args.concurrency) or any(r <= 0 for r in args.request_rate):
+        p.error("concurrency levels must be >= 1 and request rates > 0")
+    return args
+
+
+def engine_flags(args) -> list:
+    flags = ["--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype,
+             "--kernels", args.kernels, "--max-num-seqs", str(args.max_num_seqs), "--seed", str(args.seed),
+             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+             "--tensor-parallel-size", str(args.tensor_parallel_size)]
+    for name in ("model", "max_model_len", "num_kv_blocks"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags + (["--enforce-eager"] if args.enforce_eager else [])
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [[rng.randrange(FIRST_ID, vocab) for _ in range(length)] for _ in range(n)]
+
+
+# ---- offline -----------------------------------------------------------------------------------------------
+def run_offline(args, prompt_sets: list) -> dict:
+    from xverse_engine import Engine, SamplingParams
+    engine = Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+                    load_format=args.load_format, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                    enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+                    show_progress=False)
+    params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    warm_up = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.generate(prompt_token_ids=prompt_sets[0][:2], sampling_params=warm_up, use_tqdm=False)
+    sync = engine.device.type == "cuda"
+    if sync:
+        import torch
+        torch.cuda.synchronize()
+    runs = []
+    for prompts in prompt_sets:
+        start = time.perf_counter()
+        outputs = engine.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        runs.append(summarize_offline(outputs, time.perf_counter() - start))
+    result = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
+              "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs], "device": str(engine.device)}
+    engine.shutdown()   # tensor-parallel workers, if any
+    del engine, outputs
+    gc.collect()
+    if sync:
+        torch.cuda.empty_cache()   # the server process needs the memory next
+    return result
+
+
+def summarize_offline(outputs, elapsed: float) -> dict:
+    tokens = sum(len(o.token_ids) for o in outputs)
+    return {"requests": len(outputs), "output_tokens": tokens, "elapsed_s": elapsed,
+            "requests_per_s": len(outputs) / elapsed, "output_tokens_per_s": tokens / elapsed}
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+class Server:
+    """`python -m xverse_engine.serve` on a free loopback port, until stop()."""
+
+    def __init__(self, flags: list, start_timeout: float = 1800):
+        self.proc = subprocess.Popen([sys.executable, "-m", "xverse_engine.serve", "--host", HOST, "--port", "0",
+                                      "--log-level", "warning", *flags], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines = []
+        port = threading.Event()
+        threading.Thread(target=self._read, args=(port,), daemon=True).start()
+        if not port.wait(start_timeout) or self.port is None:
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "\n".join(self.lines[-30:]))
+        deadline = time.monotonic() + start_timeout
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server did not become healthy:\n" + "\n".join(self.lines[-30:]))
+            time.sleep(0.5)
+
+    def _read(self, port_found: threading.Event):
+        self.port = None
+        marker = f"listening on http://{HOST}:"
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if marker in line and self.port is None:
+                self.port = int(line.split(marker, 1)[1].split()[0])
+                port_found.set()
+        port_found.set()
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.port}/health", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def engine_step_seconds(self) -> float:
+        """The server's xverse_engine_step_seconds_total: time its engine thread spent in Engine.step."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=30) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("xverse_engine_step_seconds_total "):
+                    return float(line.split()[1])
+        raise RuntimeError("the server's /metrics has no xverse_engine_step_seconds_total")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# ---- the client ------------------------------------------------------------------------------------------------
+async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
+    """One streaming /v1/completions: TTFT, end-to-end latency and the token count of its usage."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        status = (await reader.readline()).split()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        if len(status) < 2 or status[1] != b"200":
+            return {"error": f"HTTP {status[1:2]}: {(await reader.read())[:200]!r}"}
+        first_token, usage, buffer = None, None, b""
+        while True:   # chunked transfer encoding, carrying server-sent events
+            size = int((await reader.readline()).strip() or b"0", 16)
+            if size == 0:
+                break
+            buffer += (await reader.readexactly(size + 2))[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:   # parsed only where needed: the client shares the CPU with the server
+                data = event[len(b"data: "):]
+                if data.startswith(b'{"error"'):
+                    return {"error": json.loads(data)["error"]["message"]}
+                if first_token is None and b'"text": ""' not in data and b'"choices": []' not in data \
+                        and data != b"[DONE]":
+                    first_token = time.perf_counter()
+                if b'"usage": {' in data:
+                    usage = json.loads(data)["usage"]
+    finally:
+        writer.close()
+    end = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else 0
+    result = {"ttft": (first_token or end) - start, "e2e": end - start, "output_tokens": tokens,
+              "start": start, "end": end}
+    result["tpot"] = (end - (first_token or end)) / (tokens - 1) if tokens > 1 else None
+    return result
+
+
+async def run_level(port: int, prompts: list, max_tokens: int, *, concurrency=None, rate=None, seed=0,
+                    timeout=1800.0) -> list:
+    """All prompts under one load: at most `concurrency` in flight, or Poisson arrivals at `rate` per second."""
+    limit = asyncio.Semaphore(concurrency or len(prompts))
+    rng = random.Random(seed)
+
+    async def one(prompt, delay):
+        await asyncio.sleep(delay)
+        async with limit:
+            return await stream_completion(port, prompt, max_tokens)
+
+    delays, t = [], 0.0
+    for _ in prompts:
+        delays.append(t)
+        if rate and rate != float("inf"):
+            t += rng.expovariate(rate)
+    return await asyncio.wait_for(asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays))), timeout)
+
+
+def percentiles(values: list) -> dict:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return {}
+    pick = lambda q: values[min(len(values) - 1, int(round(q * (len(values) - 1))))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}
+
+
+def summarize_level(results: list, label: dict) -> dict:
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    duration = (max(r["end"] for r in ok) - min(r["start"] for r in ok)) if ok else float("nan")
+    tokens = sum(r["output_tokens"] for r in ok)
+    return {**label, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "duration_s": duration, "requests_per_s": len(ok) / duration, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / duration,
+            "ttft_s": percentiles([r["ttft"] for r in ok]), "tpot_s": percentiles([r["tpot"] for r in ok]),
+            "e2e_s": percentiles([r["e2e"] for r in ok])}
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def print_report(payload: dict):
+    off, sat = payload["offline"], payload["saturation"]
+    print(f"\noffline Engine.generate: {off['requests']} requests, {off['output_tokens_per_s']:.1f} output tok/s, "
+          f"{off['requests_per_s']:.2f} req/s")
+    print(f"server at saturation:    {sat['output_tokens_per_s']:.1f} output tok/s, {sat['requests_per_s']:.2f} req/s"
+          f" -> {100 * payload['saturation_fraction_of_offline']:.1f}% of offline; the engine thread was stepping "
+          f"{100 * sat['engine_busy_fraction']:.1f}% of that time\n")
+    rows = []
+    for level in [sat] + payload["levels"]:
+        rows.append({"load": level["load"], "rps": level["requests_per_s"], "tps": level["output_tokens_per_s"],
+                     **{f"{m}_{q}": level[f"{m}_s"].get(q, float("nan")) * 1e3 for m in ("ttft", "tpot", "e2e")
+                        for q in ("p50", "p99")}, "err": level["errors"]})
+    print_table(rows, [("load", "load", "{}"), ("rps", "req/s", "{:.2f}"), ("tps", "out tok/s", "{:.1f}"),
+                       ("ttft_p50", "TTFT p50 ms", "{:.0f}"), ("ttft_p99", "p99", "{:.0f}"),
+                       ("tpot_p50", "TPOT p50 ms", "{:.1f}"), ("tpot_p99", "p99", "{:.1f}"),
+                       ("e2e_p50", "e2e p50 ms", "{:.0f}"), ("e2e_p99", "p99", "{:.0f}"), ("err", "errors", "{}")])
+
+
+def in_flight(level: dict) -> float:
+    """Mean requests in flight (Little's law: achieved requests/s x mean latency): one load axis for fixed
+    concurrency and Poisson levels alike."""
+    return level["requests_per_s"] * level["e2e_s"]["mean"]
+
+
+def plot(payload: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
+    levels = payload["levels"] + [payload["saturation"]]
+    for kind, marker in (("concurrency", "o"), ("request_rate", "s"), ("saturation", "*")):
+        chosen = sorted((lv for lv in levels if lv["mode"] == kind), key=in_flight)
+        if not chosen:
+            continue
+        x = [in_flight(lv) for lv in chosen]
+        for ax, metric, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"),
+                                     ("time to first token", "time per output token", "end-to-end latency")):
+            for q, style in (("p50", "-"), ("p99", "--")):
+                ax.plot(x, [lv[metric][q] * 1e3 for lv in chosen], style, marker=marker, label=f"{q}, {kind}")
+            ax.set_title(title)
+            ax.set_ylabel("ms")
+        axes[3].plot(x, [lv["output_tokens_per_s"] for lv in chosen], "-", marker=marker, label=kind)
+        for ax in axes:
+            for lv, xi in zip(chosen, x):
+                y = lv["output_tokens_per_s"] if ax is axes[3] else \
+                    lv[("ttft_s", "tpot_s", "e2e_s")[list(axes).index(ax)]]["p50"] * 1e3
+                ax.annotate(lv["load"], (xi, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    axes[3].axhline(payload["offline"]["output_tokens_per_s"], color="gray", linestyle=":",
+                    label="offline Engine.generate")
+    axes[3].set_title("output tokens/s")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("load: mean requests in flight")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[3].legend(fontsize=7)
+    w, m = payload["workload"], payload["machine"]
+    fig.suptitle(f"xverse_engine.serve on {m.get('gpu') or m.get('cpu')} ({m.get('cpu_count')} CPUs): "
+                 f"{w['num_prompts']} requests/level, {w['input_len']} in / {w['output_len']} out tokens; "
+                 f"saturation = {100 * payload['saturation_fraction_of_offline']:.1f}% of offline throughput",
+                 fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from xverse_engine.config import ModelConfig, resolve_model_path
+    config = ModelConfig.from_pretrained(resolve_model_path(args.model))
+    vocab = config.vocab_size - 300 if config.vocab_size > 400 else config.vocab_size   # not the byte tokens
+    n, seed = args.num_prompts, args.seed
+    # one fresh prompt set per repeat (the same sets offline and served), so no run finds another's prefix cache
+    saturation_sets = [make_prompts(n, args.input_len, vocab, 1000 * (seed + 1) + r) for r in range(args.repeats)]
+
+    print(f"offline: {n} requests through Engine.generate ...", file=sys.stderr)
+    offline = run_offline(args, saturation_sets)
+    print(f"starting the server ...", file=sys.stderr)
+    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n))])
+    try:
+        asyncio.run(run_level(server.port, saturation_sets[0][:2], 4))   # warm-up, as offline
+        print("server at saturation (all requests at once) ...", file=sys.stderr)
+        runs = []
+        for prompts in saturation_sets:
+            busy = server.engine_step_seconds()
+            run = summarize_level(asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout)),
+                                  {"mode": "saturation", "load": f"all {n}"})
+            # the share of the wall time the engine thread spent stepping: what the server leaves idle
+            run["engine_busy_fraction"] = (server.engine_step_seconds() - busy) / run["duration_s"]
+            runs.append(run)
+        saturation = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
+                      "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs],
+                      "all_engine_busy_fraction": [r["engine_busy_fraction"] for r in runs]}
+        levels = []
+        plan = [("concurrency", c) for c in args.concurrency] + [("request_rate", r) for r in args.request_rate]
+        for i, (mode, value) in enumerate(plan):
+            print(f"level {mode}={value} ...", file=sys.stderr)
+            prompts = make_prompts(n, args.input_len, vocab, seed + 1 + i)   # fresh: no prefix-cache hits
+            kwargs = {"concurrency": value} if mode == "concurrency" else {"rate": value, "seed": seed + i}
+            results = asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout, **kwargs))
+            load = f"c={value}" if mode == "concurrency" else f"{value:g} req/s"
+            levels.append(summarize_level(results, {"mode": mode, "value": value, "load": load}))
+    finally:
+        server.stop()
+
+    import torch
+    device = offline["device"]
+    payload = {
+        "benchmark": "serve_bench",
+        "machine": {**machine_info(device), "cpu_count": os.cpu_count()},
+        "engine": {"model": args.model or "tiny-xverse-moe (embedded)", "load_format": args.load_format,
+                   "device": device, "dtype": args.dtype, "kernels": args.kernels, "max_num_seqs": args.max_num_seqs,
+                   "torch_threads": torch.get_num_threads()},
+        "workload": {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len,
+                     "repeats": args.repeats,
+                     "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions"},
+        "offline": offline,
+        "saturation": saturation,
+        "saturation_fraction_of_offline": saturation["output_tokens_per_s"] / offline["output_tokens_per_s"],
+        "levels": levels,
+    }
+    print_report(payload)
+    write_json(args.json, payload)
+    if args.plot:
+        plot(payload, args.plot)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

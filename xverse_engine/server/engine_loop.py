@@ -1,0 +1,329 @@
+"""The engine's own thread. It alone touches the Engine: it loads it, adds and aborts requests, and steps.
+
+HTTP handlers (on the asyncio loop) hand it work through a small inbox and read each call's output from a
+RequestGroup: one mailbox per engine request in which deltas merge until the handler takes them. So a slow
+client never stalls the engine, no buffer holds more than one request's own output, and the inbox stays
+bounded because admission is refused (ServerBusy -> 503) once too many requests wait.
+"""
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..engine.engine import RequestError
+from ..engine.outputs import RequestMetrics
+
+logger = logging.getLogger("xverse_engine.serve")
+
+
+class NotReady(RuntimeError):
+    """The engine is still loading, failed to load, or the server is shutting down."""
+
+
+class ServerBusy(RuntimeError):
+    """The waiting queue is full."""
+
+
+@dataclass
+class Delta:
+    """What one engine request produced since its handler last looked."""
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)      # TokenLogprob per new token, when asked for
+    finished: bool = False
+    finish_reason: Optional[str] = None               # "stop" | "length" | "abort" | "error"
+    error: Optional[str] = None
+    metrics: Optional[RequestMetrics] = None          # set on the final delta
+
+    def merge(self, later: "Delta"):
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.error, self.metrics = later.error, later.metrics
+
+
+class RequestGroup:
+    """The engine requests of one HTTP call (prompts x n choices) and the one wake-up its handler waits on.
+
+    put() runs on the engine thread, next() on the asyncio loop; a lock guards the mailboxes, and at most one
+    wake-up is asked for until the handler has looked."""
+
+    def __init__(self, inputs: list, loop: asyncio.AbstractEventLoop):
+        self.inputs = inputs                    # [(prompt_token_ids, SamplingParams)] in choice order
+        self.request_ids = []                   # engine ids, filled by the engine thread
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._event = asyncio.Event()
+        self._wake_pending = False
+        self._mailboxes = [None] * len(inputs)  # index -> merged Delta not yet taken
+        self._open = len(inputs)                # choices not yet finished, as seen by next()
+
+    def __len__(self):
+        return len(self.inputs)
+
+    @property
+    def finished(self) -> bool:
+        return self._open == 0
+
+    def put(self, index: int, delta: Delta) -> bool:
+        """Leaves a delta in choice `index`'s mailbox; True if the handler needs a wake-up (see wake_all)."""
+        with self._lock:
+            box = self._mailboxes[index]
+            if box is None:
+                self._mailboxes[index] = delta
+            else:
+                box.merge(delta)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        return wake
+
+    async def next(self) -> list:
+        """Waits for news; returns [(index, Delta)] in choice order."""
+        await self._event.wait()
+        with self._lock:
+            self._event.clear()
+            self._wake_pending = False
+            ready = [(i, d) for i, d in enumerate(self._mailboxes) if d is not None]
+            self._mailboxes = [None] * len(self.inputs)
+        self._open -= sum(1 for _, d in ready if d.finished)
+        return ready
+
+
+def wake_all(groups: list):
+    """Wakes the handlers of these groups: one thread-safe call per event loop, not one per group (each such
+    call is a system call, and a step may touch hundreds of requests)."""
+    by_loop = {}
+    for group in groups:
+        by_loop.setdefault(group._loop, []).append(group._event)
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _set_all(events: list):
+    for event in events:
+        event.set()
+
+
+def held_back_length(text: str, stops: list) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string (not sent yet)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class _Tracked:
+    """The engine thread's bookkeeping of one engine request: where its output goes, what was sent."""
+    __slots__ = ("group", "index", "stops", "chars", "tokens", "logprobs")
+
+    def __init__(self, group: RequestGroup, index: int, stops: list):
+        self.group, self.index, self.stops = group, index, stops
+        self.chars = self.tokens = self.logprobs = 0
+
+    def take(self, output) -> Delta:
+        end = len(output.text) if output.finished else len(output.text) - held_back_length(output.text, self.stops)
+        text = output.text[self.chars:end] if end > self.chars else ""
+        self.chars = max(self.chars, end)
+        tokens = output.token_ids[self.tokens:]
+        self.tokens += len(tokens)
+        logprobs = output.logprobs[self.logprobs:] if output.logprobs else []
+        self.logprobs += len(logprobs)
+        return Delta(text, tokens, logprobs, output.finished, output.finish_reason, output.error,
+                     output.metrics if output.finished else None)
+
+
+class EngineLoop:
+    """Owns the Engine on one thread. `engine_factory` builds it there (so the server answers 503 while a
+    large checkpoint loads). `on_stats(stats)`, `on_finished(output)` and `on_step(seconds in Engine.step)` feed
+    the metrics; `on_load_failure(error)` lets the server stop."""
+
+    def __init__(self, engine_factory: Callable, *, max_waiting_requests: int = 512, on_stats: Callable = None,
+                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
+        if max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        self.max_waiting_requests = max_waiting_requests
+        self._factory = engine_factory
+        self._on_stats = on_stats or (lambda stats: None)
+        self._on_finished = on_finished or (lambda output: None)
+        self._on_step = on_step or (lambda seconds: None)
+        self._on_load_failure = on_load_failure or (lambda error: None)
+        self.engine = None
+        self.load_error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+        self._inbox = []                 # ("add" | "abort", RequestGroup); bounded by admission below
+        self._inbox_requests = 0         # engine requests in "add" commands not yet taken
+        self._engine_waiting = 0         # the engine's waiting queue after its last step
+        self._ready = False
+        self._draining = False
+        self._stopping = False
+        self._tracked = {}               # engine request id -> _Tracked
+        self._stats = {}
+        self._thread = threading.Thread(target=self._run, name="xverse-engine", daemon=True)
+
+    # ---- called from the HTTP side ---------------------------------------------------------------------
+    def start(self):
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining and not self._stopping
+
+    def state(self) -> str:
+        if self.load_error is not None:
+            return "failed"
+        if self._draining or self._stopping:
+            return "shutting down"
+        return "ready" if self._ready else "loading"
+
+    def stats(self) -> dict:
+        """The engine's stats after its last step (running, waiting, kv blocks, ...)."""
+        return dict(self._stats)
+
+    def wait_ready(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ready or self.load_error is not None, timeout)
+
+    def submit(self, group: RequestGroup):
+        """Queues a group; raises NotReady or ServerBusy instead of letting the queue grow."""
+        with self._cond:
+            if not self.ready:
+                raise NotReady(f"the server is {self.state()}")
+            queued = self._inbox_requests + self._engine_waiting
+            if queued + len(group) > self.max_waiting_requests:
+                raise ServerBusy(f"the server is busy: {queued} requests are waiting (at most "
+                                 f"{self.max_waiting_requests}); retry later")
+            self._inbox.append(("add", group))
+            self._inbox_requests += len(group)
+            self._cond.notify()
+
+    def abort(self, group: RequestGroup):
+        """Stops what is left of a group (its client went away); idempotent."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._inbox.append(("abort", group))
+            self._cond.notify()
+
+    def begin_drain(self):
+        """Refuse new requests; the ones in flight go on."""
+        with self._cond:
+            self._draining = True
+
+    def shutdown(self, timeout: float = 10.0):
+        """Aborts whatever still runs and stops the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the engine thread -------------------------------------------------------------------------------
+    def _run(self):
+        try:
+            engine = self._factory()
+        except BaseException as error:  # noqa: BLE001 (reported, and the server stops)
+            logger.error("the engine failed to load: %s", error)
+            with self._cond:
+                self.load_error = error
+                self._cond.notify_all()
+            self._on_load_failure(error)
+            return
+        self.engine = engine
+        self._publish_stats()
+        with self._cond:
+            self._ready = True
+            self._cond.notify_all()
+        try:
+            while self._iterate(engine):
+                pass
+        finally:
+            engine.shutdown()   # tensor-parallel workers, if any
+
+    def _iterate(self, engine) -> bool:
+        """Takes the inbox, then runs one step if there is work; False once stopped. An error fails the requests
+        in flight, not the server."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._inbox or self._stopping or engine.has_unfinished())
+            commands, self._inbox = self._inbox, []
+            self._engine_waiting += self._inbox_requests   # they wait in the engine now
+            self._inbox_requests = 0
+            stopping = self._stopping
+        try:
+            for kind, group in commands:
+                if kind == "add":
+                    self._add(engine, group)
+                else:
+                    self._abort(engine, group)
+            if stopping:
+                for group in {t.group for t in self._tracked.values()}:
+                    self._abort(engine, group)
+                self._publish_stats()
+                return False
+            if engine.has_unfinished():
+                start = time.perf_counter()
+                touched = engine.step()
+                self._on_step(time.perf_counter() - start)
+                self._deliver(engine, touched)
+            self._publish_stats()
+        except Exception as error:  # noqa: BLE001 (fail the requests in flight, keep serving)
+            logger.exception("the engine failed; failing the requests in flight")
+            self._fail_all(engine, f"the engine failed: {error}")
+        return True
+
+    def _add(self, engine, group: RequestGroup):
+        for index, (prompt_token_ids, params) in enumerate(group.inputs):
+            try:
+                request_id = engine.add_request(None, params, prompt_token_ids=prompt_token_ids)
+            except (RequestError, ValueError) as error:
+                if group.put(index, Delta(finished=True, finish_reason="error", error=str(error))):
+                    wake_all([group])
+                continue
+            group.request_ids.append(request_id)
+            self._tracked[request_id] = _Tracked(group, index, params.stop)
+
+    def _deliver(self, engine, request_ids):
+        to_wake = []
+        for request_id in request_ids:
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            output = engine.get_output(request_id)   # a finished request is released here
+            if tracked.group.put(tracked.index, tracked.take(output)):
+                to_wake.append(tracked.group)
+            if output.finished:
+                del self._tracked[request_id]
+                self._on_finished(output)
+        wake_all(to_wake)
+
+    def _abort(self, engine, group: RequestGroup):
+        for request_id in group.request_ids:
+            if request_id in self._tracked:
+                engine.abort(request_id)
+                self._deliver(engine, [request_id])
+
+    def _fail_all(self, engine, message: str):
+        for request_id, tracked in list(self._tracked.items()):
+            try:
+                engine.abort(request_id)
+                engine.get_output(request_id)
+            except Exception:  # noqa: BLE001 (the engine is already in trouble; the client still gets told)
+                logger.exception("could not abort request %d", request_id)
+            if tracked.group.put(tracked.index, Delta(finished=True, finish_reason="error", error=message)):
+                wake_all([tracked.group])
+            del self._tracked[request_id]
+
+    def _publish_stats(self):
+        stats = self.engine.stats()
+        with self._cond:
+            self._engine_waiting = stats["waiting"]
+        self._stats = stats
+        self._on_stats(stats)
