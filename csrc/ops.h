@@ -47,9 +47,10 @@ void rope_cache_cpu(at::Tensor& query, const at::Tensor& key, const at::Tensor& 
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
 // query [B, Hq, D]; block_tables [B, max_blocks] int32; context_lens [B] int32 -> out [B, Hq, D]
+// max_context_len: a bound on the contexts that sizes the CUDA split-K (0: table capacity); never the result.
 at::Tensor paged_attention_decode_cpu(const at::Tensor& query, const at::Tensor& key_cache,
                                       const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                      const at::Tensor& context_lens, double scale);
+                                      const at::Tensor& context_lens, double scale, int64_t max_context_len);
 // query [T, Hq, D] (varlen, sequences back to back); query_start_loc [B + 1] int32;
 // context_lens [B] int32 (cached + new tokens) -> out [T, Hq, D], causal over each sequence's context
 at::Tensor paged_attention_prefill_cpu(const at::Tensor& query, const at::Tensor& key_cache,
@@ -78,7 +79,7 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
                             at::Tensor& value_cache, const at::Tensor& slot_mapping);
 at::Tensor paged_attention_decode_cuda(const at::Tensor& query, const at::Tensor& key_cache,
                                        const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                       const at::Tensor& context_lens, double scale);
+                                       const at::Tensor& context_lens, double scale, int64_t max_context_len);
 at::Tensor paged_attention_prefill_cuda(const at::Tensor& query, const at::Tensor& key_cache,
                                         const at::Tensor& value_cache, const at::Tensor& block_tables,
                                         const at::Tensor& query_start_loc, const at::Tensor& context_lens,

@@ -22,8 +22,10 @@ TORCH_LIBRARY(xverse, m) {
   // Paged attention
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping) -> ()");
+  // max_context_len: an optional bound on the contexts (bucketed by the caller so a captured graph stays
+  // valid); it sizes the decode split-K, never the result. 0: the block table's capacity.
   m.def("paged_attention_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale) -> Tensor");
+        "Tensor context_lens, float scale, int max_context_len=0) -> Tensor");
   m.def("paged_attention_prefill(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor");
 }

@@ -20,6 +20,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor      # [B] int32: cached + new tokens per sequence
     query_start_loc: torch.Tensor   # [B + 1] int32: offsets of each sequence's new tokens
     is_decode: bool                 # every sequence has exactly one new token (the decode kernel applies)
+    max_context_len: int = 0        # bucketed bound on context_lens (sizes the decode split-K); 0: table capacity
 
 
 class Attention(nn.Module):
@@ -66,7 +67,7 @@ class Attention(nn.Module):
             reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, kernels=self.kernels)
         if meta.is_decode:
             out = paged_attention_decode(q, key_cache, value_cache, meta.block_tables, meta.context_lens,
-                                         self.scale, kernels=self.kernels)
+                                         self.scale, kernels=self.kernels, max_context_len=meta.max_context_len)
         else:
             out = paged_attention_prefill(q, key_cache, value_cache, meta.block_tables, meta.query_start_loc,
                                           meta.context_lens, self.scale, kernels=self.kernels)
