@@ -135,7 +135,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
     extras_require={"test": ["pytest>=7", "sentencepiece", *SERVE_REQUIRES, "openai>=1", "selenium>=4"],
-                    "bench": ["matplotlib"], "serve": SERVE_REQUIRES},
+                    "bench": ["matplotlib"], "serve": SERVE_REQUIRES,
+                    "mutation": ["mutmut>=3.3"]},   # scripts/mutation_test.sh (not CI)
     entry_points={"console_scripts": ["xverse-serve = xverse_engine.serve:main"]},
     ext_modules=[extension] + emulated_extension(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
