@@ -134,7 +134,10 @@ setup(
     package_data={"xverse_engine": ["assets/*/*", "assets/*.json", "server/static/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "tokenizers>=0.15", "safetensors>=0.4", "tqdm", "numpy"],
-    extras_require={"test": ["pytest>=7", "sentencepiece", *SERVE_REQUIRES, "openai>=1", "selenium>=4"],
+    extras_require={"test": ["pytest>=7", "sentencepiece", *SERVE_REQUIRES, "openai>=1", "selenium>=4",
+                             # cuobjdump / nvdisasm for the SASS checks (tests/test_attention_sass.py)
+                             "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
+                             "nvidia-cuda-nvdisasm; platform_system == 'Linux'"],
                     "bench": ["matplotlib"], "serve": SERVE_REQUIRES,
                     "mutation": ["mutmut>=3.3"]},   # scripts/mutation_test.sh (not CI)
     entry_points={"console_scripts": ["xverse-serve = xverse_engine.serve:main"]},

@@ -2,6 +2,9 @@
 // reject the same inputs with the same messages. Plain C++ (no CUDA), included by .cpp and .cu files.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #include <ATen/ATen.h>
 
 namespace xverse::attention {
@@ -67,11 +70,18 @@ inline void check_decode_args(const at::Tensor& query, const at::Tensor& key_cac
               " rows but query has ", query.size(0), " sequences (decode: one query token per sequence)");
 }
 
+// Shapes every prefill implementation rejects alike: tokens without any sequence to belong to.
+inline void check_prefill_batch(const at::Tensor& query, const at::Tensor& block_tables) {
+  TORCH_CHECK(block_tables.size(0) > 0 || query.size(0) == 0, "paged_attention_prefill: ", query.size(0),
+              " query tokens but no sequences (block_tables has 0 rows); pass B >= 1 sequences or T = 0 tokens");
+}
+
 inline void check_prefill_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                                const at::Tensor& context_lens) {
   check_attention_args(query, key_cache, value_cache, block_tables, context_lens);
   check_int_vector(query_start_loc, "query_start_loc", at::kInt, block_tables.size(0) + 1, key_cache);
+  check_prefill_batch(query, block_tables);
 }
 
 // key / value [T, n_kv, D] (any token / head strides, last dim contiguous); slot_mapping int64 [T].
@@ -91,6 +101,37 @@ inline void check_cache_write_args(const at::Tensor& key, const at::Tensor& valu
   }
   TORCH_CHECK(value.size(0) == key.size(0), "value has ", value.size(0), " tokens but key has ", key.size(0));
   check_int_vector(slot_mapping, "slot_mapping", at::kLong, key.size(0), key_cache);
+}
+
+// The block-table contract of the attention ops. For every sequence b:
+//   - context_lens[b] is in [0, max_blocks * block_size], and
+//   - the entries of the blocks its context covers, block_tables[b, :ceil(context_lens[b] / block_size)],
+//     are blocks of the cache: in [0, num_blocks). Entries past a context are never read (may hold anything).
+// The CPU ops check this on every call. The CUDA ops cannot without a host sync, so they check it only when
+// XVERSE_CHECK_BLOCK_TABLES=1 (for debugging; same messages), and otherwise stay memory-safe: lengths are
+// clamped to the capacity and an entry outside [0, num_blocks) is never dereferenced (its keys read as
+// zeros, so the output is unspecified but no memory outside the cache is touched).
+// block_tables / context_lens: CPU tensors (int32).
+inline void check_block_tables(int64_t num_cache_blocks, int64_t block_size, const at::Tensor& block_tables,
+                               const at::Tensor& context_lens) {
+  const int64_t max_blocks = block_tables.size(1);
+  const int* tables = block_tables.data_ptr<int>();
+  const int* lens = context_lens.data_ptr<int>();
+  for (int64_t b = 0; b < context_lens.numel(); ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= max_blocks * block_size, "context_lens[", b, "] = ", lens[b],
+                " is outside [0, max_blocks * block_size = ", max_blocks * block_size, "]");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      const int block = tables[b * max_blocks + i];
+      TORCH_CHECK(block >= 0 && block < num_cache_blocks, "block_tables[", b, ", ", i, "] = ", block,
+                  " is not a block of the cache (num_blocks = ", num_cache_blocks, ")");
+    }
+  }
+}
+
+// XVERSE_CHECK_BLOCK_TABLES=1: the CUDA ops copy the tables to the host and run check_block_tables.
+inline bool debug_check_block_tables() {
+  const char* flag = std::getenv("XVERSE_CHECK_BLOCK_TABLES");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
 }  // namespace xverse::attention

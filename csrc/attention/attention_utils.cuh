@@ -13,7 +13,10 @@ namespace xverse::attention {
 
 constexpr int kWarpSize = 32;
 
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// Integer ceil(a / b) for a >= 0, b > 0, in the type of the arguments: hosts pass int64_t so that a table
+// capacity near INT32_MAX cannot overflow in a + b - 1.
+template <typename I>
+__host__ __device__ constexpr I ceil_div(I a, I b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
 // ---- conversions -------------------------------------------------------------------------------------

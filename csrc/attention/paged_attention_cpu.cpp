@@ -25,7 +25,7 @@ void prefill_kernel(const at::Tensor& query, const at::Tensor& key_cache, const 
   const int64_t num_seqs = static_cast<int64_t>(ctx_lens.size());
 
   // token -> its sequence (sequences are back to back in query)
-  std::vector<int64_t> token_seq(num_tokens, -1);
+  std::vector<int64_t> token_seq(num_tokens, -1);  // -1: a padding row past query_start_loc[B]
   for (int64_t b = 0; b < num_seqs; ++b) {
     for (int64_t t = starts[b]; t < starts[b + 1]; ++t) token_seq[t] = b;
   }
@@ -40,7 +40,11 @@ void prefill_kernel(const at::Tensor& query, const at::Tensor& key_cache, const 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / num_heads, h = item % num_heads, kv_head = h / group;
       scalar_t* o = out_data + item * head_dim;
-      const int64_t b = token_seq[t];  // >= 0: query_start_loc covers every token (checked)
+      const int64_t b = token_seq[t];
+      if (b < 0) {
+        std::fill(o, o + head_dim, scalar_t(0));
+        continue;
+      }
       const int64_t q_len = starts[b + 1] - starts[b];
       // The q_len new tokens are the last q_len positions of the context: this one sees keys [0, pos].
       const int64_t pos = ctx_lens[b] - q_len + (t - starts[b]);
@@ -81,21 +85,6 @@ void prefill_kernel(const at::Tensor& query, const at::Tensor& key_cache, const 
   });
 }
 
-// Device-data checks the CPU can afford (the CUDA kernels clamp instead): every block the contexts need exists.
-void check_tables(const at::Tensor& key_cache, const at::Tensor& block_tables, const std::vector<int>& ctx_lens) {
-  const int64_t block_size = key_cache.size(2), max_blocks = block_tables.size(1);
-  const int* tables = block_tables.data_ptr<int>();
-  for (size_t b = 0; b < ctx_lens.size(); ++b) {
-    TORCH_CHECK(ctx_lens[b] >= 0 && ctx_lens[b] <= max_blocks * block_size, "context_lens[", b, "] = ", ctx_lens[b],
-                " is outside [0, max_blocks * block_size = ", max_blocks * block_size, "]");
-    for (int64_t i = 0; i < (ctx_lens[b] + block_size - 1) / block_size; ++i) {
-      const int block = tables[b * max_blocks + i];
-      TORCH_CHECK(block >= 0 && block < key_cache.size(0), "block_tables[", b, ", ", i, "] = ", block,
-                  " is not a block of the cache (num_blocks = ", key_cache.size(0), ")");
-    }
-  }
-}
-
 }  // namespace
 
 at::Tensor paged_attention_prefill_cpu(const at::Tensor& query, const at::Tensor& key_cache,
@@ -108,7 +97,8 @@ at::Tensor paged_attention_prefill_cpu(const at::Tensor& query, const at::Tensor
   std::vector<int> starts(qsl, qsl + query_start_loc.numel());
   const int* lens = context_lens.data_ptr<int>();
   std::vector<int> ctx_lens(lens, lens + context_lens.numel());
-  TORCH_CHECK(starts.front() == 0 && starts.back() == query.size(0), "query_start_loc must run from 0 to the ",
+  // Rows past query_start_loc[B] belong to no sequence (graph padding): they come out as zeros.
+  TORCH_CHECK(starts.front() == 0 && starts.back() <= query.size(0), "query_start_loc must run from 0 to at most the ",
               query.size(0), " query tokens, got ", starts.front(), " .. ", starts.back());
   for (size_t b = 0; b + 1 < starts.size(); ++b) {
     TORCH_CHECK(starts[b] <= starts[b + 1], "query_start_loc must be non-decreasing");
@@ -117,7 +107,7 @@ at::Tensor paged_attention_prefill_cpu(const at::Tensor& query, const at::Tensor
                 starts[b + 1] - starts[b], " new tokens but context_lens[", b, "] = ", ctx_lens[b],
                 " (it counts cached + new tokens)");
   }
-  check_tables(key_cache, block_tables, ctx_lens);
+  attention::check_block_tables(key_cache.size(0), key_cache.size(2), block_tables, context_lens);
   auto out = at::empty(query.sizes(), query.options());  // contiguous [T, Hq, D]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_prefill_cpu", [&] {
     prefill_kernel<scalar_t>(query, key_cache, value_cache, block_tables, starts, ctx_lens,
@@ -128,7 +118,7 @@ at::Tensor paged_attention_prefill_cpu(const at::Tensor& query, const at::Tensor
 
 at::Tensor paged_attention_decode_cpu(const at::Tensor& query, const at::Tensor& key_cache,
                                       const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                      const at::Tensor& context_lens, double scale) {
+                                      const at::Tensor& context_lens, double scale, int64_t /*max_context_len*/) {
   attention::check_decode_args(query, key_cache, value_cache, block_tables, context_lens);
   // Decode is prefill with one new token per sequence.
   auto query_start_loc = at::arange(query.size(0) + 1, context_lens.options());

@@ -9,8 +9,14 @@ Block tables are int32 [B, max_blocks_per_seq]; context_lens int32 [B] count cac
 The C++/CUDA ops take the same arguments; they also require key/value/query dtype == cache dtype, int64
 slot_mapping, and (CUDA) head_dim in {64, 80, 96, 128}. Prefill on CUDA runs our own paged kernel rather than
 SDPA over gathered K/V: gathering varlen contexts needs their lengths on the host (a sync), and the paged
-kernel serves chunked prefill and prefix reuse with no copy. It is a SIMT kernel (correct, not yet fast);
-decode is the tuned one (csrc/attention/paged_attention.cu).
+kernel serves chunked prefill and prefix reuse with no copy. bf16/fp16 prefill runs on tensor cores
+(csrc/attention/prefill_mma.cu, FlashAttention-2 style, head_dim 80 native); fp32 on a SIMT kernel.
+Decode splits each context across blocks sized from the work (csrc/attention/paged_attention.cu).
+Prefill rows past query_start_loc[B] (graph padding) come out as zeros.
+
+Block tables: the entries of the blocks a context covers must be blocks of the cache; the rest are never read.
+The CPU ops check this on every call; the CUDA ops only with XVERSE_CHECK_BLOCK_TABLES=1 (a host sync), and
+otherwise never dereference an out-of-range entry (its keys read as zeros; the output is then unspecified).
 """
 import torch
 
@@ -63,8 +69,10 @@ def paged_attention_prefill_torch(query, key_cache, value_cache, block_tables, q
     return out
 
 
-def paged_attention_decode_torch(query, key_cache, value_cache, block_tables, context_lens, scale: float):
-    # query: [B, Hq, D], one new token per sequence  ->  out: [B, Hq, D]; context_len 0 gives zeros
+def paged_attention_decode_torch(query, key_cache, value_cache, block_tables, context_lens, scale: float,
+                                 max_context_len: int = 0):
+    # query: [B, Hq, D], one new token per sequence  ->  out: [B, Hq, D]; context_len 0 gives zeros.
+    # max_context_len only sizes the CUDA kernel's split-K: it never changes the result.
     batch = query.shape[0]
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
     return paged_attention_prefill_torch(query, key_cache, value_cache, block_tables, query_start_loc,
@@ -80,11 +88,14 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kernels:
 
 
 def paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale: float,
-                           kernels: str = "torch"):
+                           kernels: str = "torch", max_context_len: int = 0):
+    """max_context_len: a bound on this step's contexts, bucketed (e.g. to a power of two) so that a captured
+    CUDA graph stays valid while contexts grow; 0 means the block table's capacity. It only sizes the CUDA
+    kernel's split-K: a context longer than the bound is still computed right, just with less parallelism."""
     if kernels == "torch":
         return paged_attention_decode_torch(query, key_cache, value_cache, block_tables, context_lens, scale)
     return torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens,
-                                                   scale)
+                                                   scale, max_context_len)
 
 
 def paged_attention_prefill(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
@@ -104,7 +115,8 @@ if extension_available():
         return None
 
     @torch.library.register_fake("xverse::paged_attention_decode")
-    def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, context_lens, scale):
+    def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                     max_context_len=0):
         # the kernels return a fresh contiguous tensor, whatever the strides of query
         return query.new_empty(query.shape)
 

@@ -1,0 +1,230 @@
+"""The CUDA attention kernels, run on the CPU by the SIMT emulator (torch.ops.xverse_emu.*), against the
+pure-PyTorch twins. Each call goes through the op's real CUDA launcher: the same checks, the same kernel
+choice (tensor-core prefill for bf16/fp16, SIMT for fp32), the decode split-K plan of a 132-SM card.
+
+- prefill (csrc/attention/prefill_mma.cu): prompts of 1, 15, 16, 17, 127, 128, 129 and 1000 tokens in one
+  varlen batch; cached prefixes ending mid-block (chunked prefill / prefix reuse); block sizes 8 / 16 / 32;
+  bf16 and fp16; head_dim 80 and 128; MHA and GQA; graph-padding rows past query_start_loc[B].
+- decode (csrc/attention/paged_attention.cu): one partition (no reduce) and many, contexts longer than the
+  max_context_len hint, chunked online softmax inside a partition.
+- the review fixes: int64 partition arithmetic near INT32_MAX, context_lens clamped in the reduce, B = 0 with
+  T > 0 rejected, Hq = 0 returning at once, the block-table contract (debug check, never dereferenced).
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from test_attention_ops import BAD_BLOCK, paged_batch
+from xverse_engine.ops import attention as attn
+
+emulated = pytest.importorskip("xverse_engine.ops.emulated",
+                               reason="the CUDA emulator (xverse_engine.ops.emulated) is not on this branch yet")
+
+pytestmark = pytest.mark.emu
+
+# (rtol, atol) against the fp32 twin: bf16 / fp16 inputs, P rounded to 16 bits before P V (as FA2 does)
+TOL = {torch.float32: (1e-4, 2e-5), torch.bfloat16: (1.6e-2, 1.2e-2), torch.float16: (4e-3, 2e-3)}
+PROMPTS = [1, 15, 16, 17, 127, 128, 129, 1000]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        return emulated.load()
+    except emulated.EmulatorUnavailable as error:
+        if emulated.emulated_build.cuda_include_dir() is None:
+            pytest.skip(str(error))  # no CUDA headers on this machine: nothing to emulate with
+        pytest.fail(str(error), pytrace=False)  # headers exist: the build is missing or broken
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite output at {(~torch.isfinite(actual)).nonzero()[:5]}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: max abs err {(actual - expected).abs().max():.3g}\n{m}")
+
+
+def prefill_inputs(seqs, block_size, head_dim, heads, dtype, pad_rows=0, seed=0):
+    """seqs: (cached, new) tokens per sequence. Returns (query, caches, tables, query_start_loc, lens) with
+    pad_rows extra query rows past query_start_loc[B] (graph padding)."""
+    num_heads, num_kv = heads
+    contexts = [cached + new for cached, new in seqs]
+    key_cache, value_cache, tables, lens, gen = paged_batch(contexts, num_heads, num_kv, head_dim, block_size,
+                                                            dtype, "cpu", seed=seed)
+    q_lens = [new for _, new in seqs]
+    qsl = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
+    query = torch.randn(sum(q_lens) + pad_rows, num_heads, head_dim, generator=gen).to(dtype)
+    return query, key_cache, value_cache, tables, qsl, lens
+
+
+def check_prefill(emu, seqs, block_size, head_dim, heads, dtype, pad_rows=0, seed=0):
+    query, key_cache, value_cache, tables, qsl, lens = prefill_inputs(seqs, block_size, head_dim, heads, dtype,
+                                                                      pad_rows, seed)
+    scale = head_dim ** -0.5
+    out = emu.paged_attention_prefill(query, key_cache, value_cache, tables, qsl, lens, scale)
+    expected = attn.paged_attention_prefill_torch(query, key_cache, value_cache, tables, qsl, lens, scale)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert_close(out, expected, dtype, f"prefill seqs={seqs} bs={block_size} D={head_dim} heads={heads} {dtype}")
+    if pad_rows:
+        assert (out[-pad_rows:] == 0).all(), "graph-padding rows must come out as zeros"
+    return out
+
+
+# ---- tensor-core prefill ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_prefill_issue_prompt_mix(emu):
+    """The issue's prompt lengths in one varlen batch (1000 spans 16 query tiles and 16 key tiles), at the real
+    head shape (one head: the heads are independent CTAs), plus graph-padding rows."""
+    check_prefill(emu, [(0, n) for n in PROMPTS], 16, 80, (1, 1), torch.bfloat16, pad_rows=3)
+
+
+# (block_size, head_dim, dtype): every block size, both head dims, both 16-bit dtypes
+PREFILL_GRID = [(8, 80, torch.bfloat16), (16, 128, torch.float16), (32, 80, torch.float16),
+                (8, 128, torch.bfloat16), (16, 80, torch.float16), (32, 128, torch.bfloat16)]
+# cached prefixes ending mid-block, whole prompts, one new token over a prefix, an empty (padding) sequence
+CHUNKED = [(5, 1), (13, 15), (0, 16), (3, 17), (40, 70), (0, 0), (9, 129)]
+
+
+@pytest.mark.parametrize("block_size,head_dim,dtype", PREFILL_GRID,
+                         ids=[f"bs{b}-d{d}-{str(t).split('.')[-1]}" for b, d, t in PREFILL_GRID])
+def test_prefill_chunked_varlen(emu, block_size, head_dim, dtype):
+    check_prefill(emu, CHUNKED, block_size, head_dim, (2, 1), dtype, pad_rows=2, seed=block_size + head_dim)
+
+
+def test_prefill_gqa_and_strided_query(emu):
+    """4 query heads over 2 KV heads; query as a view of a fused qkv projection."""
+    seqs = [(7, 20), (0, 33)]
+    query, key_cache, value_cache, tables, qsl, lens = prefill_inputs(seqs, 16, 80, (4, 2), torch.bfloat16)
+    qkv = torch.stack([query, torch.zeros_like(query)], dim=1)  # [T, 2, H, D]
+    strided = qkv[:, 0]
+    out = emu.paged_attention_prefill(strided, key_cache, value_cache, tables, qsl, lens, 0.1)
+    expected = attn.paged_attention_prefill_torch(query, key_cache, value_cache, tables, qsl, lens, 0.1)
+    assert_close(out, expected, torch.bfloat16, "prefill GQA, strided query")
+
+
+def test_prefill_fp32_takes_the_simt_kernel(emu):
+    check_prefill(emu, [(3, 17), (0, 5)], 8, 80, (2, 1), torch.float32, pad_rows=1)
+
+
+# ---- decode: partitions sized from the work -----------------------------------------------------------------
+
+def decode_inputs(contexts, block_size=16, head_dim=80, heads=(2, 1), dtype=torch.bfloat16, seed=0, extra_blocks=1):
+    num_heads, num_kv = heads
+    key_cache, value_cache, tables, lens, gen = paged_batch(contexts, num_heads, num_kv, head_dim, block_size,
+                                                            dtype, "cpu", seed=seed, extra_blocks=extra_blocks)
+    query = torch.randn(len(contexts), num_heads, head_dim, generator=gen).to(dtype)
+    return query, key_cache, value_cache, tables, lens
+
+
+@pytest.mark.parametrize("hint", [0, 1, 64, 700, 1 << 20], ids=lambda h: f"hint{h}")
+def test_decode_result_does_not_depend_on_the_hint(emu, hint):
+    """With 2 heads x 3 sequences the 132-SM plan splits a 700-token context into 128-token partitions (hint 0 or
+    700); hint 1 gives one partition that walks 700 keys in 512-key chunks (no reduce pass); hint 64 is
+    shorter than the contexts (the last partition takes the rest)."""
+    contexts = [700, 1, 0]
+    query, key_cache, value_cache, tables, lens = decode_inputs(contexts, seed=hint % 97)
+    out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 80 ** -0.5, hint)
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, 80 ** -0.5)
+    assert_close(out, expected, torch.bfloat16, f"decode hint={hint}")
+    assert (out[2] == 0).all(), "an empty context (graph padding) gives zeros"
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size", [(torch.float16, 128, 8), (torch.float32, 80, 32)])
+def test_decode_dtypes_and_head_dims(emu, dtype, head_dim, block_size):
+    query, key_cache, value_cache, tables, lens = decode_inputs([300, 17], block_size, head_dim, (2, 2), dtype)
+    out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 0.1)
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, 0.1)
+    assert_close(out, expected, dtype, f"decode {dtype} D={head_dim} bs={block_size}")
+
+
+# ---- review fixes (REVIEWS.md, csrc/attention/) ----------------------------------------------------------------
+
+def test_decode_capacity_near_int32_max(emu):
+    """max_blocks * block_size within 511 of INT32_MAX: the partition arithmetic is int64 (an int32 ceil_div
+    overflowed here) and the result is right."""
+    block_size = 256
+    max_blocks = (2**31 - 1) // block_size  # capacity 2^31 - 256
+    query, key_cache, value_cache, small_tables, lens = decode_inputs([40], block_size, 80, (2, 1))
+    tables = torch.full((1, max_blocks), BAD_BLOCK, dtype=torch.int32)
+    tables[:, :small_tables.shape[1]] = small_tables
+    assert 2**31 - 1 - max_blocks * block_size < 511
+    out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 0.1)
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, small_tables, lens, 0.1)
+    assert_close(out, expected, torch.bfloat16, "decode at capacity 2^31 - 256")
+
+
+def test_context_lens_past_capacity_are_clamped(emu):
+    """A context_len past the table's capacity is clamped by the decode AND the reduce kernel (several
+    partitions, so the reduce runs): the result is that of the full table."""
+    query, key_cache, value_cache, tables, lens = decode_inputs([600, 300], extra_blocks=0)
+    capacity = tables.shape[1] * 16
+    assert lens[0] == capacity - 8  # 600 tokens in 38 blocks of 16
+    too_long = torch.tensor([capacity + 1000, 300], dtype=torch.int32)
+    # the cache slots past 600 hold NaN (paged_batch): fill them so "clamped to capacity" is well defined
+    gen = torch.Generator().manual_seed(5)
+    last = tables[0, -1].item()
+    key_cache[last, :, 8:] = torch.randn(key_cache[last, :, 8:].shape, generator=gen).to(key_cache.dtype)
+    value_cache[last, :, 8:] = torch.randn(value_cache[last, :, 8:].shape, generator=gen).to(value_cache.dtype)
+    out = emu.paged_attention_decode(query, key_cache, value_cache, tables, too_long, 0.1, capacity)
+    clamped = torch.tensor([capacity, 300], dtype=torch.int32)
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, clamped, 0.1)
+    assert_close(out, expected, torch.bfloat16, "decode with context_lens past capacity")
+    with pytest.raises(RuntimeError, match=r"context_lens\[0\] = .* is outside"):  # the CPU op refuses it
+        torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, tables, too_long, 0.1)
+
+
+@pytest.mark.parametrize("ops_name", ["cpu", "emu"])
+def test_prefill_tokens_without_sequences_are_rejected(emu, ops_name):
+    """B = 0 with T > 0: both implementations raise (CUDA used to return uninitialised memory)."""
+    ops = torch.ops.xverse if ops_name == "cpu" else emu
+    cache = torch.zeros(2, 1, 16, 80, dtype=torch.bfloat16)
+    query = torch.randn(3, 2, 80).to(torch.bfloat16)
+    tables, qsl, lens = torch.zeros(0, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), \
+        torch.zeros(0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="3 query tokens but no sequences"):
+        ops.paged_attention_prefill(query, cache, cache, tables, qsl, lens, 0.1)
+    empty = ops.paged_attention_prefill(query[:0], cache, cache, tables, qsl, lens, 0.1)
+    assert empty.shape == (0, 2, 80)
+
+
+@pytest.mark.parametrize("ops_name", ["cpu", "emu"])
+def test_zero_heads_return_empty(emu, ops_name):
+    """Hq = 0 (and so n_kv = 0 is impossible: the cache has heads) -> an empty output, no launch."""
+    ops = torch.ops.xverse if ops_name == "cpu" else emu
+    query, key_cache, value_cache, tables, lens = decode_inputs([20, 5])
+    # a query with 0 heads is not a multiple of the cache's n_kv unless... it is: 0 % n_kv == 0
+    no_heads = query[:, :0]
+    out = ops.paged_attention_decode(no_heads, key_cache, value_cache, tables, lens, 0.1)
+    assert out.shape == (2, 0, 80)
+    qsl = torch.tensor([0, 20, 25], dtype=torch.int32)
+    out = ops.paged_attention_prefill(torch.zeros(25, 0, 80, dtype=torch.bfloat16), key_cache, value_cache, tables,
+                                      qsl, lens, 0.1)
+    assert out.shape == (25, 0, 80)
+
+
+def test_block_table_contract(emu, monkeypatch):
+    """An entry outside [0, num_blocks) inside a context: the CPU op and the CUDA op with
+    XVERSE_CHECK_BLOCK_TABLES=1 raise the same error; without the flag the CUDA kernels never dereference it
+    (under the emulator's AddressSanitizer job a read there fails) and their other rows stay right."""
+    query, key_cache, value_cache, tables, lens = decode_inputs([40, 30])
+    bad = tables.clone()
+    bad[0, 1] = key_cache.shape[0] + 5
+    message = r"block_tables\[0, 1\] = .* is not a block of the cache"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, bad, lens, 0.1)
+    monkeypatch.setenv("XVERSE_CHECK_BLOCK_TABLES", "1")
+    with pytest.raises(RuntimeError, match=message):
+        emu.paged_attention_decode(query, key_cache, value_cache, bad, lens, 0.1)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=message):
+        emu.paged_attention_prefill(query, key_cache, value_cache, bad, qsl, lens, 0.1)
+    monkeypatch.delenv("XVERSE_CHECK_BLOCK_TABLES")
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, 0.1)
+    for out in (emu.paged_attention_decode(query, key_cache, value_cache, bad, lens, 0.1),
+                emu.paged_attention_prefill(query, key_cache, value_cache, bad, qsl, lens, 0.1)):
+        assert torch.isfinite(out.float()).all()
+        assert_close(out[1], expected[1], torch.bfloat16, "the sequence with a good table")
