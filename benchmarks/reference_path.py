@@ -85,6 +85,11 @@ class ReferencePath:
             out.index_add_(0, token, y)
         if mlp.shared_experts is not None:
             out = out + self.dense_mlp(mlp.shared_experts, x)
+        elif mlp.w13.shape[0] > cfg.num_experts:  # the engine folds the shared MLP into experts E.. (halves of 2I)
+            shared = 0
+            for e in range(cfg.num_experts, mlp.w13.shape[0]):
+                shared = shared + swiglu(x, mlp.w13[e, :I], mlp.w13[e, I:], mlp.w2[e])
+            out = out + shared
         return out
 
     @staticmethod

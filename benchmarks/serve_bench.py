@@ -64,6 +64,7 @@ def parse_args(argv=None):
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="plot latency against load")
     args = p.parse_args(argv)
@@ -80,7 +81,8 @@ def parse_args(argv=None):
 def engine_flags(args) -> list:
     flags = ["--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype,
              "--kernels", args.kernels, "--max-num-seqs", str(args.max_num_seqs), "--seed", str(args.seed),
-             "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+             "--tensor-parallel-size", str(args.tensor_parallel_size)]
     for name in ("model", "max_model_len", "num_kv_blocks"):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -98,10 +100,11 @@ def run_offline(args, prompt_sets: list) -> dict:
     engine = Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                     load_format=args.load_format, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                    enforce_eager=args.enforce_eager, seed=args.seed, show_progress=False)
+                    enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+                    show_progress=False)
     params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    engine.generate(prompt_token_ids=prompt_sets[0][:2], sampling_params=SamplingParams(max_new_tokens=4, temperature=0.0,
-                                                                                 ignore_eos=True))   # warm-up
+    warm_up = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.generate(prompt_token_ids=prompt_sets[0][:2], sampling_params=warm_up, use_tqdm=False)
     sync = engine.device.type == "cuda"
     if sync:
         import torch
@@ -113,6 +116,7 @@ def run_offline(args, prompt_sets: list) -> dict:
         runs.append(summarize_offline(outputs, time.perf_counter() - start))
     result = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
               "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs], "device": str(engine.device)}
+    engine.shutdown()   # tensor-parallel workers, if any
     del engine, outputs
     gc.collect()
     if sync:
@@ -281,36 +285,52 @@ def print_report(payload: dict):
                        ("e2e_p50", "e2e p50 ms", "{:.0f}"), ("e2e_p99", "p99", "{:.0f}"), ("err", "errors", "{}")])
 
 
+def in_flight(level: dict) -> float:
+    """Mean requests in flight (Little's law: achieved requests/s x mean latency): one load axis for fixed
+    concurrency and Poisson levels alike."""
+    return level["requests_per_s"] * level["e2e_s"]["mean"]
+
+
 def plot(payload: dict, path: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for kind, marker in (("concurrency", "o"), ("request_rate", "s")):
-        levels = sorted((lv for lv in payload["levels"] if lv["mode"] == kind), key=lambda lv: lv["requests_per_s"])
-        if not levels:
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
+    levels = payload["levels"] + [payload["saturation"]]
+    for kind, marker in (("concurrency", "o"), ("request_rate", "s"), ("saturation", "*")):
+        chosen = sorted((lv for lv in levels if lv["mode"] == kind), key=in_flight)
+        if not chosen:
             continue
-        x = [lv["requests_per_s"] for lv in levels]
+        x = [in_flight(lv) for lv in chosen]
         for ax, metric, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"),
                                      ("time to first token", "time per output token", "end-to-end latency")):
             for q, style in (("p50", "-"), ("p99", "--")):
-                ax.plot(x, [lv[metric][q] * 1e3 for lv in levels], style, marker=marker, label=f"{q}, {kind}")
-            for lv in levels:
-                ax.annotate(lv["load"], (lv["requests_per_s"], lv[metric]["p50"] * 1e3), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.plot(x, [lv[metric][q] * 1e3 for lv in chosen], style, marker=marker, label=f"{q}, {kind}")
             ax.set_title(title)
-            ax.set_xlabel("achieved load (requests/s)")
             ax.set_ylabel("ms")
-            ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    w = payload["workload"]
-    fig.suptitle(f"xverse_engine.serve, {payload['machine'].get('gpu') or payload['machine'].get('cpu')}: "
+        axes[3].plot(x, [lv["output_tokens_per_s"] for lv in chosen], "-", marker=marker, label=kind)
+        for ax in axes:
+            for lv, xi in zip(chosen, x):
+                y = lv["output_tokens_per_s"] if ax is axes[3] else \
+                    lv[("ttft_s", "tpot_s", "e2e_s")[list(axes).index(ax)]]["p50"] * 1e3
+                ax.annotate(lv["load"], (xi, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    axes[3].axhline(payload["offline"]["output_tokens_per_s"], color="gray", linestyle=":",
+                    label="offline Engine.generate")
+    axes[3].set_title("output tokens/s")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("load: mean requests in flight")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[3].legend(fontsize=7)
+    w, m = payload["workload"], payload["machine"]
+    fig.suptitle(f"xverse_engine.serve on {m.get('gpu') or m.get('cpu')} ({m.get('cpu_count')} CPUs): "
                  f"{w['num_prompts']} requests/level, {w['input_len']} in / {w['output_len']} out tokens; "
                  f"saturation = {100 * payload['saturation_fraction_of_offline']:.1f}% of offline throughput",
                  fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"wrote {path}")
 
 
@@ -339,7 +359,8 @@ def main(argv=None) -> dict:
             run["engine_busy_fraction"] = (server.engine_step_seconds() - busy) / run["duration_s"]
             runs.append(run)
         saturation = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
-                      "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs]}
+                      "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs],
+                      "all_engine_busy_fraction": [r["engine_busy_fraction"] for r in runs]}
         levels = []
         plan = [("concurrency", c) for c in args.concurrency] + [("request_rate", r) for r in args.request_rate]
         for i, (mode, value) in enumerate(plan):

@@ -7,13 +7,18 @@
 
 TORCH_LIBRARY(xverse, m) {
   // MoE (see ops.h for shapes)
-  m.def("gating_topk(Tensor hidden, Tensor router_weight, int top_k) -> (Tensor topk_weights, Tensor topk_ids)");
-  m.def("moe_align(Tensor topk_ids, int num_experts, int block_m) -> "
+  m.def("gating_topk(Tensor hidden, Tensor router_weight, int top_k, int num_shared=0) -> "
+        "(Tensor topk_weights, Tensor topk_ids)");
+  m.def("moe_align(Tensor topk_ids, int num_experts, int block_m, Tensor? token_mask=None) -> "
         "(Tensor sorted_pair_ids, Tensor block_expert_ids, Tensor num_padded)");
   m.def("moe_gate_up(Tensor x, Tensor w13, Tensor sorted_pair_ids, Tensor block_expert_ids, Tensor num_padded, "
         "int top_k, int block_m) -> Tensor");
   m.def("moe_down_combine(Tensor act, Tensor w2, Tensor sorted_pair_ids, Tensor block_expert_ids, "
         "Tensor num_padded, Tensor topk_weights, Tensor? shared_out, int block_m) -> Tensor");
+  // Fused decode-path ops (in place)
+  m.def("add_rmsnorm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("rope_cache(Tensor(a!) query, Tensor key, Tensor value, Tensor(b!) key_cache, Tensor(c!) value_cache, "
+        "Tensor slot_mapping, Tensor positions, Tensor cos_sin) -> ()");
   // Paged attention
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping) -> ()");
@@ -30,6 +35,8 @@ TORCH_LIBRARY_IMPL(xverse, CPU, m) {
   m.impl("moe_align", &xverse::moe_align_cpu);
   m.impl("moe_gate_up", &xverse::moe_gate_up_cpu);
   m.impl("moe_down_combine", &xverse::moe_down_combine_cpu);
+  m.impl("add_rmsnorm", &xverse::add_rmsnorm_cpu);
+  m.impl("rope_cache", &xverse::rope_cache_cpu);
   m.impl("reshape_and_cache", &xverse::reshape_and_cache_cpu);
   m.impl("paged_attention_decode", &xverse::paged_attention_decode_cpu);
   m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cpu);
@@ -41,6 +48,8 @@ TORCH_LIBRARY_IMPL(xverse, CUDA, m) {
   m.impl("moe_align", &xverse::moe_align_cuda);
   m.impl("moe_gate_up", &xverse::moe_gate_up_cuda);
   m.impl("moe_down_combine", &xverse::moe_down_combine_cuda);
+  m.impl("add_rmsnorm", &xverse::add_rmsnorm_cuda);
+  m.impl("rope_cache", &xverse::rope_cache_cuda);
   m.impl("reshape_and_cache", &xverse::reshape_and_cache_cuda);
   m.impl("paged_attention_decode", &xverse::paged_attention_decode_cuda);
   m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cuda);

@@ -123,3 +123,18 @@ def test_cp_async_zero_fills_past_src_size(kernels):
 
 def test_shared_memory_is_poisoned_at_block_start(kernels):
     assert (kernels.read_uninitialised_shared() == -1).all()
+
+
+def test_out_of_bounds_read_is_caught_under_asan():
+    """Under scripts/emu_sanitize.sh address every kernel runs with AddressSanitizer: a read one element past a
+    tensor's storage must kill the process with a report (checked in a child process)."""
+    if emulated.requested_sanitizer() != "address":
+        pytest.skip("runs in the AddressSanitizer pass: scripts/emu_sanitize.sh address")
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from xverse_engine.ops import emulated; "
+            "emulated.selftests().read_past_end(torch.ones(1000))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert child.returncode != 0 and "AddressSanitizer" in child.stderr and "heap-buffer-overflow" in child.stderr, (
+        child.stderr[-2000:])

@@ -70,8 +70,12 @@ def test_chunked_prefill_equals_each_alone(moe_ckpt, alone):
     assert_no_leak(engine)
 
 
-def test_forced_preemption_gives_identical_results(moe_ckpt, alone):
-    engine = make_engine(moe_ckpt, num_kv_blocks=32, max_num_seqs=16)   # 128 tokens of KV for 32 requests
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_forced_preemption_gives_identical_results(moe_ckpt, alone, async_scheduling):
+    # 80 tokens of KV for 32 requests (asynchronous stepping frees finished blocks a step later, so it
+    # admits differently; this size preempts in both modes)
+    engine = make_engine(moe_ckpt, num_kv_blocks=20, max_model_len=64, max_num_seqs=16,
+                         async_scheduling=async_scheduling)
     prompts, params = workload()
     outs = engine.generate(prompt_token_ids=prompts, sampling_params=params)
     assert engine.scheduler.num_preemptions > 0
@@ -102,7 +106,7 @@ def test_prefix_cache_never_serves_uncomputed_blocks(moe_ckpt):
     params = SamplingParams(max_new_tokens=5, temperature=0, repetition_penalty=1.0, ignore_eos=True)
     expected = make_engine(moe_ckpt, enable_prefix_caching=False).generate(
         prompt_token_ids=[prompt], sampling_params=params)[0].token_ids
-    engine = make_engine(moe_ckpt, max_num_batched_tokens=12)
+    engine = make_engine(moe_ckpt, max_num_batched_tokens=12, max_num_seqs=4)   # budget >= max_num_seqs
     outs = engine.generate(prompt_token_ids=[prompt, prompt, prompt], sampling_params=params)
     assert [o.token_ids for o in outs] == [expected] * 3
     assert_no_leak(engine)

@@ -147,7 +147,8 @@ def test_chat_equals_offline_with_the_model_template(client, offline):
 
 def test_multi_turn_chat_uses_human_assistant_turns(client, offline):
     messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."},
-                {"role": "user", "content": [{"type": "text", "text": "Where is "}, {"type": "text", "text": "Paris?"}]}]
+                {"role": "user", "content": [{"type": "text", "text": "Where is "},
+                                             {"type": "text", "text": "Paris?"}]}]
     prompt = "Human: Hello\n\nAssistant: Hi there.<|endoftext|>Human: Where is Paris?\n\nAssistant: "
     assert offline.tokenizer.encode(prompt).count(3) == 1, "<|endoftext|> must encode as the eos token"
     (expected,) = offline.generate([prompt], greedy(16))

@@ -121,3 +121,31 @@ def test_help_lists_the_release_demo_flags():
                  "--max-waiting-requests", "--tensor-parallel-size", "--host"):
         assert flag in result.stdout
 
+
+
+def alive(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except FileNotFoundError:
+        return False
+
+
+def test_tensor_parallel_server_answers_like_offline_and_leaves_no_worker():
+    from xverse_engine import Engine, SamplingParams
+    (expected,) = Engine(device="cpu", show_progress=False).generate(
+        ["The capital of France is"], SamplingParams(max_new_tokens=8, temperature=0.0))
+    server = ServerProcess("--tensor-parallel-size", "2")
+    try:
+        workers = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert workers, "--tensor-parallel-size 2 must start a worker process"
+        status, body = server.request("POST", "/v1/completions", {"prompt": "The capital of France is",
+                                                                  "max_tokens": 8, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == expected.text
+        assert server.stop() == 0, server.log
+        deadline = time.monotonic() + 30
+        while any(map(alive, workers)):
+            assert time.monotonic() < deadline, f"tensor-parallel workers {workers} outlived the server"
+            time.sleep(0.2)
+    finally:
+        server.stop()

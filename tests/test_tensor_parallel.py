@@ -4,6 +4,7 @@ that start, fail and stop cleanly (checked through their pids).
 
 Each N=2 engine costs a spawned worker (a Python + torch start-up): engines are shared per module.
 """
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -212,6 +213,24 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(moe_ckpt):
     with pytest.raises(WorkerDiedError):        # and it stays failed
         engine.generate(prompt_token_ids=[[7, 8]], sampling_params=GREEDY)
     assert wait_gone([pid])
+
+
+def test_a_stuck_worker_times_out_instead_of_hanging(moe_ckpt, monkeypatch):
+    """A worker that is alive but never answers (stopped): the step's collective times out after
+    XVERSE_TP_TIMEOUT seconds, the engine raises, and the stuck worker is killed."""
+    monkeypatch.setenv("XVERSE_TP_TIMEOUT", "5")
+    engine = make_engine(moe_ckpt, "torch", tensor_parallel_size=2)
+    pid = engine.worker_pids[0]
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerDiedError, match="step failed"):
+            engine.generate(prompt_token_ids=[[7, 8, 9]], sampling_params=GREEDY)
+        assert time.monotonic() - start < 60
+        assert wait_gone([pid])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 SCRIPT = """

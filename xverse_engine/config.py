@@ -117,7 +117,9 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=raw["num_attention_heads"],
-            num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+            # absent or null: as many KV heads as query heads (no GQA); 0 is refused by the validation
+            num_key_value_heads=(raw["num_attention_heads"] if raw.get("num_key_value_heads") is None
+                                 else raw["num_key_value_heads"]),
             max_position_embeddings=raw.get("max_position_embeddings", 8192),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=raw.get("rope_theta", 10000.0),

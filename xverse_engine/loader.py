@@ -3,7 +3,9 @@
 Shards stream one at a time (one tensor at a time for safetensors, memory-mapped for .bin), each tensor
 copied straight into its slot of the model's parameters, so peak host memory stays near one shard.
 Each checkpoint name maps to (parameter, slice): q/k/v rows of qkv_proj, expert e's gate/up/down rows
-of the stacked w13 / w2, gate/up rows of a gate_up_proj. Every expected tensor must arrive exactly once
+of the stacked w13 / w2, gate/up rows of a gate_up_proj. The shared experts' one SwiGLU of S * I goes into
+the stack as S more experts of I (E .. E+S-1) when the model folds them there (MoE with lean=True): the
+intermediate dim splits exactly, since down(silu(g) * u) is a sum over it. Every expected tensor must arrive exactly once
 with its exact shape; anything else is an error naming the tensor and the file.
 
 Tensor parallel: a `sharding` (distributed/sharding.py) says which rows or columns of each tensor this rank
@@ -62,11 +64,20 @@ def expected_tensors(config) -> dict:
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _QKV = re.compile(r"^(layers\.\d+\.self_attn)\.([qkv])_proj\.weight$")
 _GATE_UP = re.compile(r"^(layers\.\d+\.mlp(?:\.shared_experts)?)\.(gate|up)_proj\.weight$")
+_SHARED = re.compile(r"^(layers\.\d+\.mlp)\.shared_experts\.(gate|up|down)_proj\.weight$")
 
 
 def parameter_slot(params: dict, config, name: str) -> torch.Tensor:
     """The view of a model parameter that checkpoint tensor `name` fills."""
     short = name[len("model."):] if name.startswith("model.") else name
+    m = _SHARED.match(short)
+    if m and m.group(1) + ".shared_experts.gate_up_proj.weight" not in params:  # folded: experts E .. E+S-1
+        prefix, which = m.group(1), m.group(2)
+        E, I, S = config.num_experts, config.intermediate_size, config.num_shared_experts
+        if which == "down":
+            return params[prefix + ".w2"][E:E + S]                             # [S, H, I]
+        rows = slice(0, I) if which == "gate" else slice(I, 2 * I)
+        return params[prefix + ".w13"][E:E + S, rows]                         # [S, I, H]
     if m := _EXPERT.match(short):
         prefix, expert, which = m.group(1), int(m.group(2)), m.group(3)
         if which == "down":
@@ -85,6 +96,16 @@ def parameter_slot(params: dict, config, name: str) -> torch.Tensor:
         half = packed.shape[0] // 2
         return packed[:half] if m.group(2) == "gate" else packed[half:]
     return params[short]
+
+
+def fit_to_slot(tensor: torch.Tensor, slot: torch.Tensor, name: str) -> torch.Tensor:
+    """The checkpoint tensor viewed in its slot's shape: a folded shared expert's [S * I, H] gate/up rows
+    become [S, I, H], its [H, S * I] down columns [S, H, I]; anything else is already in shape."""
+    if tuple(tensor.shape) == tuple(slot.shape):
+        return tensor
+    if name.endswith("down_proj.weight"):
+        return tensor.view(tensor.shape[0], slot.shape[0], slot.shape[2]).transpose(0, 1)
+    return tensor.view(slot.shape)
 
 
 def find_weight_files(path: str, load_format: str):
@@ -179,7 +200,8 @@ def load_weights(model, config, path: str, load_format: str = "auto", show_progr
                 raise CheckpointError(f"tensor {name!r} appears twice (again in {os.path.basename(file)})")
             loaded.add(name)
             if sharding is None:
-                parameter_slot(params, config, name).copy_(read(None))
+                slot = parameter_slot(params, config, name)
+                slot.copy_(fit_to_slot(read(None), slot, name))
             elif (selection := sharding.selection(name)) != "skip":  # "skip": another rank's expert
                 sharding.slot(params, name).copy_(read(selection))
     missing = [name for name in expected if name not in loaded]

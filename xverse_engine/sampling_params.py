@@ -3,6 +3,15 @@ generation_config.json values, then the defaults below (ENGINE.md)."""
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+INT64_MIN, UINT64 = -(1 << 63), 1 << 64
+
+
+def seed_as_int64(seed: int) -> int:
+    """Any Python integer seed, folded to the signed 64 bits the sampler keeps per request (seeds equal
+    modulo 2**64 draw the same tokens), so no seed can overflow a tensor inside a step."""
+    return (seed - INT64_MIN) % UINT64 + INT64_MIN
+
+
 # The value a field takes when neither the request nor generation_config.json sets it.
 BUILTIN_DEFAULTS = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 
@@ -17,7 +26,8 @@ class SamplingParams:
     stop: list = field(default_factory=list)     # strings; matched across token boundaries, not returned
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False
-    seed: Optional[int] = None              # per request: the same seed gives the same tokens in any batch
+    seed: Optional[int] = None              # per request: the same seed gives the same tokens in any batch;
+                                            # any integer (folded to 64 bits)
     logprobs: Optional[int] = None          # return the chosen token's logprob and the top-n per step
 
     def __post_init__(self):

@@ -3,6 +3,14 @@
 
     python -m benchmarks.kernels.bench_moe                      # GPU: real shapes, T = 1 .. 4096
     python -m benchmarks.kernels.bench_moe --device cpu --json /tmp/moe.json   # small shapes on the CPU
+    python -m benchmarks.kernels.bench_moe --sections decode --device cpu --hidden 2560 --inter 1728 \
+        --dtype bfloat16                                         # the decode GEMMs, real shapes, on the CPU
+
+Two sections: "block" (the routed block three ways, T = 1 .. 4096) and "decode" (the decode GEMMs alone at
+T = 1, 4, 16, 64: block_m 8, tokens on the narrow side of the MMA, 6 routed + 2 shared experts per token,
+reported as achieved GB/s of weight streaming and the fraction of the measured bandwidth; the goal on an
+H100/H200 is >= 80% at T = 1). On the CPU the decode section only covers the shapes: the numbers say
+nothing about the GPU kernel.
 
 Every number comes with its roofline: bytes actually touched (weights of the distinct experts the routing
 picked, the router, activations in and out) over the measured device bandwidth, and FLOPs over the
@@ -22,6 +30,7 @@ from xverse_engine.ops import moe
 
 GPU_TOKENS = [1, 8, 32, 64, 256, 1024, 4096]
 CPU_TOKENS = [1, 8, 32, 64]
+DECODE_TOKENS = [1, 4, 16, 64]
 # Largest |ours - per-expert loop| allowed, relative to the largest |output|: fp32 differs only by summation
 # order; bf16 (u = 2^-8) by the activation rounded between the GEMMs and the output's rounding (4u).
 MAX_RELATIVE_DIFF = {torch.float32: 1e-4, torch.float16: 4 * 2.0 ** -11, torch.bfloat16: 4 * 2.0 ** -8}
@@ -156,6 +165,62 @@ def bench_our_stages(x, router, w13, w2, args, device, roof, kernels, nbytes):
     return rows
 
 
+def bench_decode_gemm(num_tokens, args, device, roof, kernels, hidden, inter, dtype):
+    """The decode GEMMs at block_m = 8 over E routed + S shared experts (stacked [E + S, ...]): gate_up, and
+    down + combine. Bytes: the weights of the distinct experts the step reads (routed picks + the shared ones),
+    plus activations in and out; at decode that is all that matters."""
+    num_experts, num_shared, top_k = args.experts, args.shared, args.top_k
+    stacked = num_experts + num_shared
+    gen = torch.Generator(device="cpu").manual_seed(1000 + num_tokens)
+    router = (torch.randn(num_experts, hidden, generator=gen) * 0.1).to(device)
+    w13, w2 = _decode_weights(stacked, hidden, inter, dtype, device)
+    x = (torch.randn(num_tokens, hidden, generator=gen) * 0.1).to(dtype).to(device)
+    block_m = moe.DECODE_BLOCK_M  # forced, also at T = 16 / 64 where choose_block_m would take 16
+    gating, align = moe.op("gating_topk", kernels), moe.op("moe_align", kernels)
+    gate_up, down = moe.op("moe_gate_up", kernels), moe.op("moe_down_combine", kernels)
+    weights, ids = gating(x, router, top_k, num_shared)
+    layout = align(ids, stacked, block_m)
+    pairs_per_token = top_k + num_shared
+    act = gate_up(x, w13, *layout, pairs_per_token, block_m)
+    distinct = int(torch.unique(ids).numel())
+    elem = w13.element_size()
+    pairs = num_tokens * pairs_per_token
+    stages = {
+        "decode:gate_up": (lambda: gate_up(x, w13, *layout, pairs_per_token, block_m),
+                           distinct * 2 * inter * hidden * elem + num_tokens * hidden * elem + pairs * inter * elem),
+        "decode:down_combine": (lambda: down(act, w2, *layout, weights, None, block_m),
+                                distinct * hidden * inter * elem + pairs * inter * elem + pairs * hidden * 4
+                                + num_tokens * hidden * elem),
+    }
+    # each stage's output against its pure-PyTorch twin on the same layout (a wrong kernel publishes no timing)
+    expected = {"decode:gate_up": moe.moe_gate_up_torch(x, w13, *layout, pairs_per_token, block_m),
+                "decode:down_combine": moe.moe_down_combine_torch(act, w2, *layout, weights, None, block_m)}
+    rows = []
+    for name, (fn, nbytes) in stages.items():
+        out, ref = fn().float(), expected[name].float()
+        max_rel_diff = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+        stats = time_fn(fn, device, args.warmup, args.iters)
+        us = stats["median_us"]
+        rows.append({"tokens": num_tokens, "method": name, "block_m": block_m, "distinct_experts": distinct,
+                     "bytes": nbytes, "us": us, "min_us": stats["min_us"], "gb_s": nbytes / (us * 1e-6) / 1e9,
+                     "frac_hbm": nbytes / (us * 1e-6) / roof["bandwidth_bytes_s"], "max_rel_diff": max_rel_diff,
+                     "ok": bool(max_rel_diff <= MAX_RELATIVE_DIFF[dtype])})
+    return rows
+
+
+_DECODE_WEIGHTS = {}
+
+
+def _decode_weights(stacked, hidden, inter, dtype, device):
+    key = (stacked, hidden, inter, dtype, str(device))
+    if key not in _DECODE_WEIGHTS:
+        gen = torch.Generator(device="cpu").manual_seed(7)
+        _DECODE_WEIGHTS.clear()
+        _DECODE_WEIGHTS[key] = tuple((torch.randn(*shape, generator=gen) * 0.02).to(dtype).to(device)
+                                     for shape in ((stacked, 2 * inter, hidden), (stacked, hidden, inter)))
+    return _DECODE_WEIGHTS[key]
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -197,6 +262,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", help="default: 1..4096 on GPU, 1..64 on CPU")
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--shared", type=int, default=2, help="shared experts folded in (decode section)")
+    parser.add_argument("--sections", nargs="+", default=["block", "decode"], choices=["block", "decode"])
+    parser.add_argument("--decode-tokens", type=int, nargs="+", default=DECODE_TOKENS)
     parser.add_argument("--hidden", type=int, help="default 2560 on GPU, 256 on CPU")
     parser.add_argument("--inter", type=int, help="default 1728 on GPU, 192 on CPU")
     parser.add_argument("--dtype", default=None, help="bfloat16 on GPU, float32 on CPU (bf16 GEMMs are slow there)")
@@ -220,26 +288,38 @@ def main(argv=None):
 
     torch.manual_seed(0)
     router = torch.randn(args.experts, hidden, device=device) * 0.1
-    w13 = (torch.randn(args.experts, 2 * inter, hidden, device=device) * 0.02).to(dtype)
-    w2 = (torch.randn(args.experts, hidden, inter, device=device) * 0.02).to(dtype)
     roof = {"bandwidth_bytes_s": measure_memory_bandwidth(device), "matmul_flop_s": measure_matmul_peak(device)}
     print(f"device {device}, {dtype}, E={args.experts} k={args.top_k} H={hidden} I={inter}, kernels={kernels}; "
           f"measured {roof['bandwidth_bytes_s'] / 1e12:.2f} TB/s, {roof['matmul_flop_s'] / 1e12:.1f} TFLOP/s")
 
     rows = []
-    for num_tokens in tokens:
-        rows += bench_tokens(num_tokens, (router, w13, w2), args, device, roof, kernels)
-    columns = [("tokens", "T", "{}"), ("method", "method", "{}"), ("distinct_experts", "experts", "{}"),
-               ("us", "us", "{:.1f}"), ("tb_s", "TB/s", "{:.4g}"), ("frac_hbm", "%HBM", "{:.1%}"),
-               ("tflop_s", "TFLOP/s", "{:.4g}"), ("frac_peak", "%peak", "{:.1%}"),
-               ("max_rel_diff", "rel diff", "{:.1e}"), ("error", "error", "{}")]
-    print_table(rows, columns)
+    if "block" in args.sections:
+        w13 = (torch.randn(args.experts, 2 * inter, hidden, device=device) * 0.02).to(dtype)
+        w2 = (torch.randn(args.experts, hidden, inter, device=device) * 0.02).to(dtype)
+        for num_tokens in tokens:
+            rows += bench_tokens(num_tokens, (router, w13, w2), args, device, roof, kernels)
+        columns = [("tokens", "T", "{}"), ("method", "method", "{}"), ("distinct_experts", "experts", "{}"),
+                   ("us", "us", "{:.1f}"), ("tb_s", "TB/s", "{:.4g}"), ("frac_hbm", "%HBM", "{:.1%}"),
+                   ("tflop_s", "TFLOP/s", "{:.4g}"), ("frac_peak", "%peak", "{:.1%}"),
+                   ("max_rel_diff", "rel diff", "{:.1e}"), ("error", "error", "{}")]
+        print_table(rows, columns)
+    if "decode" in args.sections:
+        decode_rows = []
+        for num_tokens in args.decode_tokens:
+            decode_rows += bench_decode_gemm(num_tokens, args, device, roof, kernels, hidden, inter, dtype)
+        print(f"\ndecode GEMMs (block_m {moe.DECODE_BLOCK_M}, {args.top_k} routed + {args.shared} shared experts per "
+              f"token){'' if on_gpu else ' -- CPU: shape coverage only, not a GPU number'}")
+        print_table(decode_rows, [("tokens", "T", "{}"), ("method", "stage", "{}"),
+                                  ("distinct_experts", "experts", "{}"), ("bytes", "bytes", "{:.3g}"),
+                                  ("us", "us", "{:.1f}"), ("gb_s", "GB/s", "{:.1f}"), ("frac_hbm", "%peak BW", "{:.1%}"),
+                                  ("max_rel_diff", "rel diff", "{:.1e}")])
+        rows += decode_rows
     payload = {"benchmark": "moe", "machine": machine_info(device), "roofline": roof, "kernels": kernels,
                "shape": {"experts": args.experts, "top_k": args.top_k, "hidden": hidden, "inter": inter,
                          "dtype": str(dtype)}, "results": rows}
     write_json(args.json, payload)
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    if plot_path:
+    if plot_path and "block" in args.sections:  # the plot shows the block section
         plot(rows, plot_path)
     check_results(rows)
     return payload

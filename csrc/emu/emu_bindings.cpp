@@ -14,6 +14,8 @@ TORCH_LIBRARY_IMPL(xverse_emu, CPU, m) {
   m.impl("moe_align", &xverse::moe_align_cuda);
   m.impl("moe_gate_up", &xverse::moe_gate_up_cuda);
   m.impl("moe_down_combine", &xverse::moe_down_combine_cuda);
+  m.impl("add_rmsnorm", &xverse::add_rmsnorm_cuda);
+  m.impl("rope_cache", &xverse::rope_cache_cuda);
   m.impl("reshape_and_cache", &xverse::reshape_and_cache_cuda);
   m.impl("paged_attention_decode", &xverse::paged_attention_decode_cuda);
   m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cuda);

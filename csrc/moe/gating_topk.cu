@@ -2,6 +2,7 @@
 // A block takes kTokensPerBlock tokens: its warps share the router rows (each expert's row is read once
 // per block, for all its tokens), write the logits to shared memory, then one warp per token ranks them.
 // Lower index wins ties; NaN ranks below every number, so an all-NaN row still yields ids 0..k-1.
+// With num_shared = S > 0 each row gets S more entries, the shared experts E .. E+S-1 with weight 1.0.
 // The twin is gating_topk_torch in xverse_engine/ops/moe.py.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -112,13 +113,15 @@ __device__ void topk_one_token(const float* logits, int num_experts, int top_k, 
   }
 }
 
-// hidden: [T, H]  router: [E, H] fp32  ->  topk_weights: [T, k] fp32, topk_ids: [T, k] int32
+// hidden: [T, H]  router: [E, H] fp32  ->  topk_weights: [T, k + S] fp32, topk_ids: [T, k + S] int32
 template <typename scalar_t, bool kVec>
 __global__ void __launch_bounds__(kThreads) gating_topk_kernel(const scalar_t* __restrict__ hidden,
                                                                const float* __restrict__ router,
                                                                float* __restrict__ topk_weights,
                                                                int32_t* __restrict__ topk_ids, int64_t num_tokens,
-                                                               int hidden_size, int num_experts, int top_k) {
+                                                               int hidden_size, int num_experts, int top_k,
+                                                               int num_shared) {
+  const int row = top_k + num_shared;  // entries per token
   __shared__ float logits[kTokensPerBlock][kMaxExperts];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -159,14 +162,18 @@ __global__ void __launch_bounds__(kThreads) gating_topk_kernel(const scalar_t* _
   __syncthreads();
   for (int tt = warp; tt < n_tok; tt += kWarps) {
     const int64_t t = t0 + tt;
-    topk_one_token(logits[tt], num_experts, top_k, topk_weights + t * top_k, topk_ids + t * top_k);
+    topk_one_token(logits[tt], num_experts, top_k, topk_weights + t * row, topk_ids + t * row);
+    if (lane < num_shared) {  // the always-on shared experts, after the routed ones
+      topk_weights[t * row + top_k + lane] = 1.f;
+      topk_ids[t * row + top_k + lane] = num_experts + lane;
+    }
   }
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gating_topk_cuda(const at::Tensor& hidden, const at::Tensor& router_weight,
-                                                    int64_t top_k) {
+                                                    int64_t top_k, int64_t num_shared) {
   TORCH_CHECK(hidden.is_cuda() && router_weight.is_cuda() && hidden.device() == router_weight.device(),
               "gating_topk_cuda: hidden and router_weight must be CUDA tensors on one device");
   TORCH_CHECK(hidden.dim() == 2, "gating_topk: hidden must be [T, H], got ", hidden.sizes());
@@ -182,12 +189,13 @@ std::tuple<at::Tensor, at::Tensor> gating_topk_cuda(const at::Tensor& hidden, co
   TORCH_CHECK(top_k >= 1 && top_k <= kMaxTopK && top_k <= num_experts, "gating_topk_cuda: top_k must be in [1, min(",
               kMaxTopK, ", E)], got ", top_k);
   TORCH_CHECK(hidden_size < INT_MAX, "gating_topk_cuda: H too large");
+  TORCH_CHECK(num_shared >= 0 && num_shared <= 32, "gating_topk: num_shared must be in [0, 32], got ", num_shared);
 
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor x = hidden.contiguous();
   const at::Tensor w = router_weight.contiguous();
-  auto weights = at::empty({num_tokens, top_k}, x.options().dtype(at::kFloat));
-  auto ids = at::empty({num_tokens, top_k}, x.options().dtype(at::kInt));
+  auto weights = at::empty({num_tokens, top_k + num_shared}, x.options().dtype(at::kFloat));
+  auto ids = at::empty({num_tokens, top_k + num_shared}, x.options().dtype(at::kInt));
   if (num_tokens == 0) return {weights, ids};
 
   const dim3 grid(static_cast<unsigned>(moe::ceil_div(num_tokens, kTokensPerBlock)));
@@ -198,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> gating_topk_cuda(const at::Tensor& hidden, co
     auto kernel = vec ? gating_topk_kernel<scalar_t, true> : gating_topk_kernel<scalar_t, false>;
     launch_kernel(kernel, grid, kThreads, 0, stream, x.data_ptr<scalar_t>(), w.data_ptr<float>(),
                   weights.data_ptr<float>(), ids.data_ptr<int32_t>(), num_tokens, static_cast<int>(hidden_size),
-                  static_cast<int>(num_experts), static_cast<int>(top_k));
+                  static_cast<int>(num_experts), static_cast<int>(top_k), static_cast<int>(num_shared));
   });
   return {weights, ids};
 }

@@ -1,5 +1,6 @@
 // Fused gating on the CPU: fp32 router logits -> softmax -> top-k (lower index wins ties, NaN ranks
-// below every number) -> renormalise with + 1e-6. The twin is gating_topk_torch in xverse_engine/ops/moe.py.
+// below every number) -> renormalise with + 1e-6; then the S shared experts E .. E+S-1 appended to every
+// row with weight 1.0 (the grouped GEMM serves them as always-on experts). The twin is gating_topk_torch in xverse_engine/ops/moe.py.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -60,7 +61,7 @@ void softmax_row(const float* logits, int64_t num_experts, float* probs) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gating_topk_cpu(const at::Tensor& hidden, const at::Tensor& router_weight,
-                                                   int64_t top_k) {
+                                                   int64_t top_k, int64_t num_shared) {
   TORCH_CHECK(hidden.device().is_cpu() && router_weight.device().is_cpu(),
               "gating_topk_cpu: hidden and router_weight must be CPU tensors");
   TORCH_CHECK(hidden.dim() == 2, "gating_topk: hidden must be [T, H], got ", hidden.sizes());
@@ -76,8 +77,10 @@ std::tuple<at::Tensor, at::Tensor> gating_topk_cpu(const at::Tensor& hidden, con
   TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "gating_topk: top_k must be in [1, E = ", num_experts,
               "], got ", top_k);
 
-  auto weights = at::empty({num_tokens, top_k}, hidden.options().dtype(at::kFloat));
-  auto ids = at::empty({num_tokens, top_k}, hidden.options().dtype(at::kInt));
+  TORCH_CHECK(num_shared >= 0 && num_shared <= 32, "gating_topk: num_shared must be in [0, 32], got ", num_shared);
+  const int64_t row = top_k + num_shared;  // pairs per token
+  auto weights = at::empty({num_tokens, row}, hidden.options().dtype(at::kFloat));
+  auto ids = at::empty({num_tokens, row}, hidden.options().dtype(at::kInt));
   if (num_tokens == 0) return {weights, ids};
 
   // logits: [T, E] fp32 = hidden.float() @ router^T (the router matmul itself is a plain fp32 GEMM)
@@ -91,7 +94,11 @@ std::tuple<at::Tensor, at::Tensor> gating_topk_cpu(const at::Tensor& hidden, con
     std::vector<char> taken(num_experts);
     for (int64_t t = begin; t < end; ++t) {
       softmax_row(logits_ptr + t * num_experts, num_experts, probs.data());
-      topk_row(probs.data(), num_experts, top_k, weights_ptr + t * top_k, ids_ptr + t * top_k, taken);
+      topk_row(probs.data(), num_experts, top_k, weights_ptr + t * row, ids_ptr + t * row, taken);
+      for (int64_t s = 0; s < num_shared; ++s) {
+        weights_ptr[t * row + top_k + s] = 1.f;
+        ids_ptr[t * row + top_k + s] = static_cast<int32_t>(num_experts + s);
+      }
     }
   });
   return {weights, ids};

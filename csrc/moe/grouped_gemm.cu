@@ -8,11 +8,14 @@
 // bf16 / fp16 with K % 8 == 0: tensor cores (mma.sync m16n8k16, fp32 accumulate). Tiles of A (gathered
 // rows) and W stream through a cp.async multi-stage shared-memory ring with 16-byte copies; out-of-range
 // rows / columns / K are zero-filled by the copy itself. One kernel, three tile shapes picked by block_m:
-//   block_m 16: decode, 16 x 64 weight rows, 6 stages (bound by streaming weights: many copies in flight)
+//   block_m 16: small batches, 16 x 64 weight rows, 6 stages (bound by streaming weights: many copies in flight)
 //   block_m 32: 32 x 128, 3 stages;  block_m 64: prefill, 64 x 128, 3 stages (bound by tensor-core math)
+//   block_m 8: decode (few rows per expert), the weight-streaming kernel of decode_gemm.cu instead.
 // fp32 or unaligned K: a simple SIMT kernel (one thread per output element).
 // The down GEMM writes per-pair fp32 rows; a separate combine kernel sums them per token in fixed j order
-// (deterministic: no float atomics). Twins: xverse_engine/ops/moe.py.
+// (deterministic: no float atomics), adding shared_out in fp32 like the twin. Twins: xverse_engine/ops/moe.py.
+// Contract: a pair missing from the layout (an id outside [0, E), a masked padding token, a foreign expert)
+// gets a zero act row and contributes 0 to its token's sum, on every device: act and down start zeroed.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -21,6 +24,8 @@
 
 #include "common/launch.cuh"
 #include "common/ptx.cuh"
+#include "moe/decode_gemm.h"
+#include "moe/gemm_tiles.h"
 #include "moe/moe_checks.h"
 #include "moe/moe_common.cuh"
 #include "ops.h"
@@ -30,37 +35,10 @@ namespace {
 
 // ---- tile shapes -----------------------------------------------------------------------------------
 
-// BM rows (= block_m) x BNW weight rows per CTA; K in steps of BK through STAGES shared-memory buffers.
-// For gate_up the BNW weight rows are BNW/2 gate rows then the BNW/2 matching up rows.
-template <int BM_, int BNW_, int WARPS_M_, int WARPS_N_, int STAGES_>
-struct TileConfig {
-  static constexpr int BM = BM_;
-  static constexpr int BNW = BNW_;
-  static constexpr int WARPS_M = WARPS_M_;
-  static constexpr int WARPS_N = WARPS_N_;
-  static constexpr int STAGES = STAGES_;
-  static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
-  static constexpr int BK = 32;
-  static constexpr int LDS = BK + 8;     // smem row stride in elements: 80 bytes, conflict-free fragment loads
-  static constexpr int WTM = BM / WARPS_M;   // warp tile rows
-  static constexpr int WTN = BNW / WARPS_N;  // warp tile weight rows
-  static constexpr int MF = WTM / 16;        // m16 fragments per warp
-  static constexpr int NF = WTN / 8;         // n8 fragments per warp (half gate, half up for gate_up)
-  static constexpr int A_STAGE = BM * LDS;
-  static constexpr int B_STAGE = BNW * LDS;
-  static constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2;
-  static_assert(BM % (16 * WARPS_M) == 0, "BM must split into m16 fragments per warp");
-  static_assert(BNW % (16 * WARPS_N) == 0, "each warp needs an even number of n8 fragments (gate / up pairs)");
-  static_assert(NF % 2 == 0, "gate and up fragments come in pairs");
-  static_assert(BK % 16 == 0 && (LDS * 2) % 16 == 0, "k16 steps and 16-byte aligned smem rows");
-  static_assert(SMEM_BYTES <= 48 * 1024, "stay within the default dynamic shared memory limit");
-  static_assert(STAGES >= 2, "need a pipeline");
-  static_assert(THREADS >= BM, "one thread per tile row reads the row's pair id");
-};
-
-using DecodeTile = TileConfig<16, 64, 1, 4, 6>;
-using MidTile = TileConfig<32, 128, 1, 4, 3>;
-using PrefillTile = TileConfig<64, 128, 2, 2, 3>;
+// The three tile shapes and their shared-memory budget: moe/gemm_tiles.h
+using moe::MidTile;
+using moe::PrefillTile;
+using moe::SmallTile;
 
 // Everything a grouped GEMM launch needs. gate_up: a = x [T, H], w = w13 [E, 2N, K], out_act [P, N];
 // down: a = act [P, K], w = w2 [E, N, K], out_down [P, N] fp32.
@@ -80,8 +58,9 @@ struct GemmArgs {
   int block_m;
 };
 
-// ---- PTX (csrc/common/ptx.cuh) ------------------------------------------------------------------------
+// ---- PTX (every instruction through csrc/common/ptx.cuh) ----------------------------------------------
 
+// Copies 16 bytes to shared memory, or zero-fills them without reading (invalid: padding / past the end).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
   ptx::cp_async_16(smem_dst, gmem_src, valid ? 16 : 0);  // 0: the 16 bytes are zero-filled, nothing is read
 }
@@ -138,6 +117,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_mma_kernel(const Ge
   uint16_t* smem_b = smem + Cfg::STAGES * Cfg::A_STAGE;    // [STAGES][BNW][LDS]
   __shared__ int64_t row_src[Cfg::BM];  // A row for each tile row (token for gate_up, pair for down), -1: padding
   __shared__ int64_t row_pair[Cfg::BM];
+  static_assert(sizeof(row_src) + sizeof(row_pair) == Cfg::STATIC_SMEM_BYTES, "update TileConfig's static budget");
 
   const int block = blockIdx.x;
   const int64_t slot0 = static_cast<int64_t>(block) * Cfg::BM;
@@ -206,15 +186,15 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_mma_kernel(const Ge
 #pragma unroll
   for (int s = 0; s < Cfg::STAGES - 1; ++s) {
     if (s < k_tiles) load_tile(s, s);
-    cp_async_commit();  // always commit (maybe empty) so the group count stays uniform
+    ptx::cp_async_commit();  // always commit (maybe empty) so the group count stays uniform
   }
 
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<Cfg::STAGES - 2>();  // this thread's copies of tile kt have landed ...
+    ptx::cp_async_wait<Cfg::STAGES - 2>();  // this thread's copies of tile kt have landed ...
     __syncthreads();                   // ... and everyone's; also: all reads of the stage refilled below are done
     const int next = kt + Cfg::STAGES - 1;
     if (next < k_tiles) load_tile(next % Cfg::STAGES, next);
-    cp_async_commit();
+    ptx::cp_async_commit();
 
     const uint16_t* sa = smem_a + (kt % Cfg::STAGES) * Cfg::A_STAGE;
     const uint16_t* sb = smem_b + (kt % Cfg::STAGES) * Cfg::B_STAGE;
@@ -239,7 +219,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_mma_kernel(const Ge
       }
     }
   }
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
 
   // Epilogue. C fragment: element i of acc[mf][nf] is row g + 8 * (i / 2), column 2q + i % 2.
 #pragma unroll
@@ -315,12 +295,12 @@ __global__ void __launch_bounds__(kSimtThreads) grouped_gemm_simt_kernel(const G
 
 constexpr int kCombineThreads = 256;
 
-// down: [P, H] fp32, weights: [T, k] fp32, shared: [T, H] or null -> out: [T, H]; grid = (T, ceil(H / 256)).
-// Sums in j order with explicit rounding (no FMA contraction): the same arithmetic as the twin.
+// down: [P, H] fp32, weights: [T, k] fp32, shared: [T, H] fp32 or null -> out: [T, H]; grid = (T, ceil(H / 256)).
+// Sums in j order with explicit rounding (no FMA contraction), shared_out added in fp32: the twin's arithmetic.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const float* __restrict__ down,
                                                                   const float* __restrict__ weights,
-                                                                  const scalar_t* __restrict__ shared,
+                                                                  const float* __restrict__ shared,
                                                                   scalar_t* __restrict__ out, int top_k, int hidden) {
   const int64_t t = blockIdx.x;
   const int col = blockIdx.y * kCombineThreads + threadIdx.x;
@@ -330,7 +310,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const float* _
     const int64_t pair = t * top_k + j;
     sum = __fadd_rn(sum, __fmul_rn(down[pair * hidden + col], weights[pair]));
   }
-  if (shared != nullptr) sum = __fadd_rn(sum, static_cast<float>(shared[t * hidden + col]));
+  if (shared != nullptr) sum = __fadd_rn(sum, shared[t * hidden + col]);
   out[t * hidden + col] = static_cast<scalar_t>(sum);
 }
 
@@ -347,11 +327,17 @@ void launch_mma(const GemmArgs& args, int64_t num_blocks, cudaStream_t stream) {
 template <typename scalar_t, bool kGateUp>
 void launch_grouped_gemm(const GemmArgs& args, int64_t num_blocks, bool aligned, cudaStream_t stream) {
   if (num_blocks == 0 || args.N == 0) return;
+  if (args.block_m == moe::kDecodeBlockM) {  // decode: stream the weights, tokens on the narrow side
+    const moe::DecodeGemmArgs decode{args.a, args.w, args.sorted_pair_ids, args.block_expert_ids, args.num_padded,
+                                     args.out_act, args.out_down, args.num_pairs, args.top_k, args.K, args.N,
+                                     args.num_experts, static_cast<int>(num_blocks)};
+    if (moe::launch_decode_gemm(decode, c10::CppTypeToScalarType<scalar_t>::value, kGateUp, stream)) return;
+  }
   constexpr bool kTensorCores = !std::is_same_v<scalar_t, float>;
   if constexpr (kTensorCores) {
     if (aligned && args.K % 8 == 0) {
       switch (args.block_m) {
-        case DecodeTile::BM: return launch_mma<DecodeTile, scalar_t, kGateUp>(args, num_blocks, stream);
+        case SmallTile::BM: return launch_mma<SmallTile, scalar_t, kGateUp>(args, num_blocks, stream);
         case MidTile::BM: return launch_mma<MidTile, scalar_t, kGateUp>(args, num_blocks, stream);
         case PrefillTile::BM: return launch_mma<PrefillTile, scalar_t, kGateUp>(args, num_blocks, stream);
         default: break;
@@ -379,7 +365,7 @@ at::Tensor moe_gate_up_cuda(const at::Tensor& x, const at::Tensor& w13, const at
   const at::Tensor wc = w13.contiguous();
   const int64_t num_pairs = x.size(0) * top_k;
   const int64_t inter = w13.size(1) / 2;
-  auto act = at::empty({num_pairs, inter}, x.options());  // [P, I]: every routed pair's row is written
+  auto act = at::zeros({num_pairs, inter}, x.options());  // [P, I]: rows of pairs missing from the layout stay 0
   if (num_pairs == 0) return act;
 
   GemmArgs args{xc.data_ptr(), wc.data_ptr(), sorted_pair_ids.data_ptr<int32_t>(),
@@ -407,8 +393,8 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
   const int64_t top_k = topk_weights.size(1);
   const int64_t num_pairs = num_tokens * top_k;
   const int64_t hidden = w2.size(1);
-  at::Tensor shared;
-  if (shared_out.has_value()) shared = shared_out->to(act.scalar_type()).contiguous();
+  at::Tensor shared;  // added in fp32, as the twin and the CPU kernel do
+  if (shared_out.has_value()) shared = shared_out->to(at::kFloat).contiguous();
 
   const c10::cuda::CUDAGuard guard(act.device());
   const at::Tensor ac = act.contiguous();
@@ -416,7 +402,8 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
   const at::Tensor weights = topk_weights.contiguous();
   auto out = at::empty({num_tokens, hidden}, act.options());  // [T, H]
   if (num_tokens == 0 || hidden == 0) return out;
-  auto down = at::empty({num_pairs, hidden}, act.options().dtype(at::kFloat));  // [P, H] fp32 per-pair rows
+  // [P, H] fp32 per-pair rows; zero so a pair missing from the layout adds 0 to its token's sum
+  auto down = at::zeros({num_pairs, hidden}, act.options().dtype(at::kFloat));
 
   GemmArgs args{ac.data_ptr(), wc.data_ptr(), sorted_pair_ids.data_ptr<int32_t>(),
                 block_expert_ids.data_ptr<int32_t>(), num_padded.data_ptr<int32_t>(), nullptr, down.data_ptr<float>(),
@@ -427,9 +414,9 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
   XVERSE_DISPATCH_MOE_TYPES(act.scalar_type(), "moe_down_combine_cuda", [&] {
     launch_grouped_gemm<scalar_t, false>(args, block_expert_ids.numel(), aligned, stream);
     const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(moe::ceil_div(hidden, kCombineThreads)));
-    launch_kernel(combine_kernel<scalar_t>, grid, kCombineThreads, 0, stream,
-        down.data_ptr<float>(), weights.data_ptr<float>(), shared.defined() ? shared.data_ptr<scalar_t>() : nullptr,
-        out.data_ptr<scalar_t>(), static_cast<int>(top_k), static_cast<int>(hidden));
+    launch_kernel(combine_kernel<scalar_t>, grid, kCombineThreads, 0, stream, down.data_ptr<float>(),
+                  weights.data_ptr<float>(), shared.defined() ? shared.data_ptr<float>() : nullptr,
+                  out.data_ptr<scalar_t>(), static_cast<int>(top_k), static_cast<int>(hidden));
   });
   return out;
 }

@@ -24,6 +24,16 @@ inline void check_layout(const char* op, const at::Device& device, const at::Ten
               " elements, got ", sorted_pair_ids.numel());
 }
 
+// token_mask: [T] bool on topk_ids' device, topk_ids: [T, pairs per token].
+inline void check_token_mask(const char* op, const at::Tensor& token_mask, const at::Tensor& topk_ids) {
+  TORCH_CHECK(topk_ids.dim() == 2, op, ": with a token_mask, topk_ids must be [T, k], got ", topk_ids.sizes());
+  TORCH_CHECK(token_mask.device() == topk_ids.device(), op, ": token_mask must be on ", topk_ids.device(), ", got ",
+              token_mask.device());
+  TORCH_CHECK(token_mask.scalar_type() == at::kBool && token_mask.dim() == 1 && token_mask.size(0) == topk_ids.size(0),
+              op, ": token_mask must be a [T = ", topk_ids.size(0), "] bool tensor, got ", token_mask.sizes(), " ",
+              token_mask.scalar_type());
+}
+
 // x: [T, H], w13: [E, 2I, H] of x's dtype and device.
 inline void check_gate_up(const at::Tensor& x, const at::Tensor& w13, int64_t top_k) {
   TORCH_CHECK(w13.device() == x.device(), "moe_gate_up: x and w13 must be on one device, got ", x.device(), " and ",

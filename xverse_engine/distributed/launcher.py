@@ -33,7 +33,8 @@ SPAWN_HINT = ("\nWorkers are spawned: each re-imports your main script. If the s
 
 
 class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker exited or stopped answering; the engine cannot continue."""
+    """A tensor-parallel worker exited or stopped answering, or a step failed half-way; the workers are
+    stopped and the engine cannot continue."""
 
 
 def _timeout_seconds(name: str, default: float) -> float:
@@ -161,10 +162,11 @@ class WorkerGroup:
                 raise WorkerDiedError(self._death_message(i, "before this step"))
 
     @contextlib.contextmanager
-    def step_guard(self):
-        """Marks collectives in flight (a step, or building the runner). If they fail, the workers are
-        stopped and a dead worker or a failed collective becomes WorkerDiedError naming it; other errors
-        (e.g. a KV cache that does not fit) pass through unchanged."""
+    def step_guard(self, passthrough=()):
+        """Marks collectives in flight (a step, or building the runner). If anything fails the ranks are out
+        of step, so the workers are stopped and the error becomes WorkerDiedError naming a dead worker or
+        the failure (a collective that timed out: a worker stopped answering). Errors of the `passthrough`
+        types (a user's setting, e.g. a KV cache that does not fit) keep their own type."""
         self._state["between_steps"] = False
         try:
             yield
@@ -174,10 +176,11 @@ class WorkerGroup:
             self.shutdown()
             if dead:
                 raise WorkerDiedError(self._death_message(dead[0], "during a step")) from error
-            if isinstance(error, dist.DistError):
-                raise WorkerDiedError(f"a tensor-parallel collective failed ({type(error).__name__}: {error}); "
-                                      f"the workers were stopped. Create a new Engine") from error
-            raise
+            if isinstance(error, passthrough):
+                raise
+            raise WorkerDiedError(f"a tensor-parallel step failed ({type(error).__name__}: {error}); the workers "
+                                  f"were stopped (XVERSE_TP_TIMEOUT bounds a wait on a worker that stopped "
+                                  f"answering). Create a new Engine") from error
         self._state["between_steps"] = True
 
     def shutdown(self):

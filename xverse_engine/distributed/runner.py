@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..engine.model_runner import ModelRunner
+from ..engine.model_runner import KVCacheTooSmall, ModelRunner
 
 
 def per_rank_config(config, tp):
@@ -20,7 +20,8 @@ class DriverRunner(ModelRunner):
 
     def __init__(self, model, config, *, workers, **kwargs):
         self.workers = workers
-        with workers.step_guard():   # warm-up and graph capture run collectives with every worker
+        # warm-up and graph capture run collectives with every worker
+        with workers.step_guard(passthrough=(KVCacheTooSmall, ValueError)):
             super().__init__(model, per_rank_config(config, workers.tp), **kwargs)
 
     def _blocks_from_free_memory(self, utilization: float) -> int:

@@ -1,5 +1,12 @@
 """Engine: the public API. Loads a checkpoint, owns the scheduler and the model runner, and turns steps
-into outputs (generate), per-request deltas (stream), and metrics."""
+into outputs (generate), per-request deltas (stream), and metrics.
+
+Asynchronous scheduling (the default): step() plans and launches step n+1 before it reads step n's sampled
+tokens, so the host's work for one step overlaps the device's work on the previous one. The tokens, stop
+checks and outputs are exactly those of synchronous stepping (async_scheduling=False): a sequence that
+stops at step n has its step n+1 token discarded, and max_tokens is never exceeded because the scheduler
+counts the pending token.
+"""
 import logging
 import random
 import time
@@ -17,12 +24,12 @@ from ..distributed.worker import RankSpec, rank_device
 from ..loader import LOAD_FORMATS, load_weights
 from ..model import XverseForCausalLM
 from ..ops import resolve_kernels
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, seed_as_int64
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import OutputText
 from .model_runner import ModelRunner
-from .outputs import RequestMetrics, RequestOutput, StreamDelta, TokenLogprob
+from .outputs import RequestMetrics, RequestOutput, StreamDelta
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -72,7 +79,7 @@ class Engine:
                  num_kv_blocks: Optional[int] = None, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1, seed: int = 0,
                  max_num_batched_tokens: Optional[int] = None, show_progress: bool = True,
-                 log_stats_interval: float = 10.0):
+                 log_stats_interval: float = 10.0, async_scheduling: bool = True):
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={load_format!r} is not one of {LOAD_FORMATS}")
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
@@ -104,8 +111,10 @@ class Engine:
                              f"(max_position_embeddings, times the rope_scaling factor)")
         default_budget = 8192 if self.device.type == "cuda" else 2048
         self.max_num_batched_tokens = max_num_batched_tokens or max(default_budget, max_num_seqs)
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs={max_num_seqs}: "
+                             f"a step must hold one token of every running sequence; raise max_num_batched_tokens "
+                             f"or lower max_num_seqs")
 
         runner_kwargs = dict(block_size=block_size, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=self.max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
@@ -139,6 +148,8 @@ class Engine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.rng = random.Random(seed)
+        self.async_scheduling = async_scheduling
+        self._in_flight = None   # the launched step whose sampled tokens the host has not read yet
         self.show_progress = show_progress
         self.log_stats_interval = log_stats_interval
         self._last_log = time.perf_counter()
@@ -182,11 +193,12 @@ class Engine:
                                f"leaves no room to generate; shorten the prompt or raise max_model_len")
         request_id = self._next_request_id
         self._next_request_id += 1
-        seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        seed = seed_as_int64(params.seed) if params.seed is not None else self.rng.getrandbits(63)
         seq = Sequence(request_id, prompt, prompt_token_ids, params, seed,
                        max_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_new_tokens))
-        self._requests[request_id] = Request(seq, OutputText(self.tokenizer, params.stop, prompt_token_ids),
-                                             self._stop_token_ids(params))
+        self._requests[request_id] = Request(
+            seq, OutputText(self.tokenizer, params.stop, prompt_token_ids, source=seq.token_ids),
+            self._stop_token_ids(params))
         self.scheduler.add(seq)
         return request_id
 
@@ -199,56 +211,71 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str):
         self.scheduler.remove(seq)
+        self.runner.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
 
     def has_unfinished(self) -> bool:
+        # a sequence whose token is in flight is still running (or preempted, waiting): the scheduler has it
         return self.scheduler.has_unfinished()
 
     # ---- one step --------------------------------------------------------------------------------------
     def step(self) -> list:
-        """Runs one scheduled step; returns the ids of requests that got new tokens or finished."""
+        """Runs one scheduled step; returns the ids of requests that got new tokens or finished. With
+        asynchronous scheduling those tokens are the previous step's: this step is launched first."""
         scheduled = self.scheduler.schedule()
-        if not scheduled:
+        for seq in self.scheduler.take_preempted():
+            self.runner.release(seq)
+        launched = None
+        if scheduled:
+            launched = self.runner.run(scheduled)
+            register = self.block_manager.register_computed_blocks
+            for item in scheduled:
+                if item.num_new_tokens > 1:   # prompt chunks: their tokens are known, their blocks findable now
+                    register(item.seq)
+        elif self._in_flight is None:
             if self.scheduler.has_unfinished():  # cannot happen while the cache holds max_model_len tokens
                 raise RuntimeError("the scheduler could not place any waiting request; please report this")
             return []
-        now = time.perf_counter()
-        for item in scheduled:
-            if item.seq.first_scheduled_time is None:
-                item.seq.first_scheduled_time = now
-        results = self.runner.run(scheduled)
-        for item in scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.register_computed_blocks(item.seq)
-        touched = []
-        now = time.perf_counter()
-        for seq, token, logprob_row in results:
-            seq.append_token(token)
-            self.num_generated_tokens += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.params.logprobs is not None and logprob_row is not None:
-                seq.logprobs.append(self._logprob_entry(token, logprob_row, seq.params.logprobs))
-            request = self._requests[seq.request_id]
-            if request.text.add(token):
-                self._finish(seq, "stop")
-            elif token in request.stop_token_ids:
-                self._finish(seq, "stop")
-            elif seq.num_tokens >= seq.max_tokens:
-                self._finish(seq, "length")
-            touched.append(seq.request_id)
+        if self.async_scheduling:
+            previous, self._in_flight = self._in_flight, launched
+        else:
+            previous = launched
+        touched = self._process(previous) if previous is not None else []
         self._maybe_log_stats()
         return touched
 
-    @staticmethod
-    def _logprob_entry(token: int, row, n: int) -> TokenLogprob:
-        top = {}
-        if n > 0:
-            values, ids = row.topk(n)
-            top = dict(zip(ids.tolist(), values.tolist()))
-        return TokenLogprob(token, row[token].item(), top)
+    def _process(self, output) -> list:
+        """The sampled tokens of a step reach their sequences: stop checks, logprobs, finishing."""
+        tokens, logprobs = output.fetch()
+        now = time.perf_counter()
+        touched = []
+        requests = self._requests
+        register = self.block_manager.register_computed_blocks
+        block_size = self.block_manager.block_size
+        for i, (seq, token) in enumerate(zip(output.seqs, tokens)):
+            if seq.status is SequenceStatus.FINISHED:
+                continue        # stopped or aborted while this step ran: its token is dropped
+            seq.num_pending -= 1
+            token_ids = seq.token_ids
+            token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])
+            request = requests[seq.request_id]
+            if request.text.checks_stops and request.text.update():
+                self._finish(seq, "stop")
+            elif token in request.stop_token_ids:
+                self._finish(seq, "stop")
+            elif len(token_ids) >= seq.max_tokens:
+                self._finish(seq, "length")
+            elif len(token_ids) // block_size > seq.num_hashed_blocks:
+                register(seq)     # a block of known tokens filled up: findable by later prompts
+            touched.append(seq.request_id)
+        self.num_generated_tokens += len(touched)
+        return touched
 
     # ---- outputs -----------------------------------------------------------------------------------------
     def get_output(self, request_id: int, release: bool = True) -> RequestOutput:
@@ -331,10 +358,9 @@ class Engine:
         pending = set(ids)
         try:
             while pending:
-                self.step()
-                done = {i for i in pending if self._requests[i].seq.is_finished}
+                done = [i for i in self.step() if i in pending and self._requests[i].seq.is_finished]
                 bar.update(len(done))
-                pending -= done
+                pending.difference_update(done)
         finally:
             bar.close()
             for i in pending:  # interrupted: leave nothing behind
@@ -362,7 +388,7 @@ class Engine:
                     if request_id not in pending:
                         continue
                     seq, text, _ = self._requests[request_id]
-                    new_tokens = seq.output_token_ids[sent_tokens[request_id]:]
+                    new_tokens = seq.token_ids[seq.num_prompt_tokens + sent_tokens[request_id]:]
                     sent_tokens[request_id] += len(new_tokens)
                     delta = text.take_delta(final=seq.is_finished)
                     if delta or new_tokens or seq.is_finished:

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..distributed.parallel_state import SINGLE
 from ..ops import paged_attention_decode, paged_attention_prefill, reshape_and_cache
+from ..ops.fused import rope_cache
 from .rotary import RotaryEmbedding
 
 
@@ -25,11 +26,15 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Multi-head (or grouped-query) attention over a paged KV cache; q/k/v packed into one GEMM.
 
+    Lean: RoPE and the cache write are one op (q rotated in place, rotated k and v written by slot);
+    otherwise RoPE and the cache write run separately (the unfused baseline).
+
     Tensor parallel (tp.size > 1): this rank holds heads [r * n / N, (r + 1) * n / N) of q and of k/v
     (qkv column-parallel), caches only those, and its o_proj columns give a partial sum (row-parallel)
     that one all-reduce completes."""
 
-    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None, tp=SINGLE):
+    def __init__(self, config, dtype, device, kernels: str, max_model_len: int = None, tp=SINGLE,
+                 lean: bool = True):
         super().__init__()
         self.tp = tp
         self.num_heads = config.num_attention_heads // tp.size      # this rank's heads
@@ -37,6 +42,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         self.kernels = kernels
+        self.lean = lean
         qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_rows, bias=False, dtype=dtype, device=device)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False, dtype=dtype,
@@ -49,12 +55,16 @@ class Attention(nn.Module):
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
+        q = q.view(T, self.num_heads, self.head_dim)         # views into the qkv rows: no copies
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         key_cache, value_cache = kv_cache
-        reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, kernels=self.kernels)
+        if self.lean:
+            rope_cache(q, k, v, key_cache, value_cache, meta.slot_mapping, positions, self.rotary.cos_sin,
+                       kernels=self.kernels)
+        else:
+            q, k = self.rotary(positions, q, k)
+            reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, kernels=self.kernels)
         if meta.is_decode:
             out = paged_attention_decode(q, key_cache, value_cache, meta.block_tables, meta.context_lens,
                                          self.scale, kernels=self.kernels, max_context_len=meta.max_context_len)

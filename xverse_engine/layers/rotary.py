@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from ..ops.fused import rotate_half
+
 
 class RotaryEmbedding(nn.Module):
     """Non-interleaved ("rotate half") RoPE over the full head_dim, with an fp32 cos/sin table.
@@ -26,9 +28,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         positions = torch.arange(table_len, dtype=torch.float32, device=device) / scale_positions
         freqs = torch.outer(positions, inv_freq)                                  # [P, D/2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # [P, D]: cos | sin per position, the table the fused rope_cache op reads (one row per token)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
         self.max_position = table_len
+
+    @property
+    def cos(self):  # [P, D/2], a view
+        return self.cos_sin[:, : self.cos_sin.shape[1] // 2]
+
+    @property
+    def sin(self):  # [P, D/2], a view
+        return self.cos_sin[:, self.cos_sin.shape[1] // 2:]
 
     def forward(self, positions, q, k):
         # positions: [T]  q: [T, Hq, D]  k: [T, Hkv, D]
@@ -38,5 +48,4 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return rotate_half(x, cos, sin)

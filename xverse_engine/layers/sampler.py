@@ -4,9 +4,16 @@ Order as transformers applies it: repetition penalty, temperature, top-k, top-p,
 rows take the argmax of the penalised logits. Sampled rows use the Gumbel-max trick with noise from a
 counter-based hash of (request seed, step, token id): no generator state, no host sync, and a request's
 draws depend only on its own seed and position, never on which other requests share the batch.
+
+No full-vocabulary sort: top-k and top-p only ever keep tokens among the K = max(top_k) best, so one
+`topk(K)` gives them in order, and the softmax / cumulative sum of top-p run over those K survivors. The
+noise is the same function of the token id either way, so the draw equals a draw over the whole masked
+vocabulary. Rows without top-k or top-p draw over the whole vocabulary (an argmax, no sort). The one case
+that needs every token ordered is top-p without top-k: the caller then passes K = V, a full sort.
+K comes from the host's sampling parameters, so nothing here waits for the device.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,11 +29,22 @@ class SamplingBatch:
     repetition_penalties: torch.Tensor      # [B] fp32, 1 = off
     seeds: torch.Tensor                     # [B] int64
     steps: torch.Tensor                     # [B] int64: tokens this request generated so far
-    seen_token_ids: Optional[torch.Tensor]  # [B, L] int64 of prompt + output ids, padded with -1; None if no penalty
-    num_logprobs: int                       # the largest top-n asked for in the batch; -1 = none asked
-    all_greedy: bool
-    any_top_k: bool
-    any_top_p: bool
+    seen_token_ids: Optional[torch.Tensor] = None  # [B, L] int64 ids seen, padded with -1 (reference form)
+    num_logprobs: int = -1                  # the largest top-n asked for in the batch; -1 = none asked
+    all_greedy: bool = False
+    any_top_k: bool = False
+    any_top_p: bool = False
+    seen_mask: Optional[torch.Tensor] = None  # [B, V] bool: tokens seen (prompt + output); the engine's form
+    num_candidates: int = 0                 # K: covers every top-k / top-p row (0: the whole vocabulary)
+    any_unfiltered: bool = True             # some sampled row has neither top-k nor top-p
+    all_sampled: bool = False               # every row samples (temperature > 0): no greedy rows to merge
+    keys: Optional[torch.Tensor] = None     # [B] int64 row_keys(seeds, steps), computed on the host
+
+
+class TopLogprobs(NamedTuple):
+    chosen: torch.Tensor                    # [B] fp32: logprob of the sampled token
+    values: torch.Tensor                    # [B, n] fp32: the n best logprobs, best first
+    token_ids: torch.Tensor                 # [B, n] int64
 
 
 def _fmix32(x):
@@ -38,57 +56,108 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seeds, steps, vocab_size: int):
-    """Deterministic Gumbel(0, 1) noise [B, V] from (seed, step, token id)."""
+def row_keys(seeds, steps):
+    """The 32-bit key of each row's draw, from (seed, step): [B] int64. Works on torch tensors and on
+    numpy int64 arrays alike (the engine computes it on the host; two's-complement wrap-around of the
+    products only touches bits that the masks drop)."""
     seeds = seeds & MASK32 ^ ((seeds >> 32) & MASK32)
-    row = _fmix32(seeds ^ _fmix32((steps * 0x9E3779B9) & MASK32))                      # [B]
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _fmix32((row[:, None] ^ ((token[None, :] * 0x27D4EB2F) & MASK32)) & MASK32)  # [B, V]
+    return _fmix32(seeds ^ _fmix32((steps * 0x9E3779B9) & MASK32))
+
+
+def gumbel_noise_at(seeds, steps, token_ids, keys=None):
+    """Deterministic Gumbel(0, 1) noise of (seed, step, token id). seeds, steps: [B]; token_ids: [B, K] or
+    [K]; keys: row_keys(seeds, steps) when already known."""
+    row = row_keys(seeds, steps) if keys is None else keys                               # [B]
+    bits = _fmix32((row[:, None] ^ ((token_ids * 0x27D4EB2F) & MASK32)) & MASK32)        # [B, K]
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))                 # (0, 1)
     return -torch.log(-torch.log(uniform))
 
 
+def gumbel_noise(seeds, steps, vocab_size: int, keys=None):
+    """The noise of every token: [B, V]."""
+    device = (seeds if keys is None else keys).device
+    return gumbel_noise_at(seeds, steps, torch.arange(vocab_size, device=device, dtype=torch.int64), keys)
+
+
 def apply_repetition_penalty(logits, seen_token_ids, penalties):
-    # logits: [B, V]; seen tokens' logits divided (if > 0) or multiplied (if < 0) by the penalty, as HF
+    # logits: [B, V]; seen_token_ids: [B, L] padded with -1. The reference form of the mask version below.
     vocab = logits.shape[-1]
     # padding (-1) goes to an extra column that is dropped, so it can never unmark a real token
     index = torch.where(seen_token_ids >= 0, seen_token_ids, vocab)
     seen = torch.zeros((logits.shape[0], vocab + 1), dtype=torch.bool, device=logits.device)
     seen.scatter_(1, index, True)
-    seen = seen[:, :vocab]
-    penalty = penalties[:, None].expand_as(logits)
+    return apply_repetition_penalty_mask(logits, seen[:, :vocab], penalties)
+
+
+def apply_repetition_penalty_mask(logits, seen, penalties):
+    # logits: [B, V]; seen: [B, V] bool. Seen tokens' logits divided (if > 0) or multiplied (if <= 0) by the
+    # penalty, as transformers does
+    penalty = penalties[:, None]
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
 def filter_top_k_top_p(logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool):
-    # logits: [B, V] (already divided by temperature) -> the same with filtered tokens at -inf
+    """Full-vocabulary reference (one sort of [B, V]): the same logits with filtered tokens at -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if any_top_k:
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
-        k = torch.where(top_ks > 0, top_ks, vocab)[:, None]
-        remove |= ranks >= k
-    if any_top_p:
-        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        remove |= mass_before >= top_ps[:, None]     # keep the smallest prefix reaching top_p (>= 1 token)
+    remove = _removed_ranks(sorted_logits, top_ks, top_ps, any_top_k, any_top_p)
     remove_in_place = torch.zeros_like(remove).scatter_(1, order, remove)
     return logits.masked_fill(remove_in_place, float("-inf"))
 
 
+def _removed_ranks(sorted_logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool):
+    # sorted_logits: [B, K] best first -> [B, K] bool: which ranks top-k, then top-p, remove
+    width = sorted_logits.shape[-1]
+    remove = None
+    if any_top_k:
+        ranks = torch.arange(width, device=sorted_logits.device)[None, :]
+        remove = ranks >= torch.where(top_ks > 0, top_ks, width)[:, None]
+    if any_top_p:
+        kept = sorted_logits if remove is None else sorted_logits.masked_fill(remove, float("-inf"))
+        probs = kept.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        beyond = mass_before >= top_ps[:, None]      # keep the smallest prefix reaching top_p (>= 1 token)
+        remove = beyond if remove is None else remove | beyond
+    return torch.zeros_like(sorted_logits, dtype=torch.bool) if remove is None else remove
+
+
+def _draw_filtered(scaled, batch: SamplingBatch):
+    # scaled: [B, V] -> [B] token drawn among the top-k / top-p survivors
+    k = batch.num_candidates or scaled.shape[-1]
+    values, token_ids = scaled.topk(min(k, scaled.shape[-1]), dim=-1)                  # [B, K] best first
+    remove = _removed_ranks(values, batch.top_ks, batch.top_ps, batch.any_top_k, batch.any_top_p)
+    noisy = values.masked_fill(remove, float("-inf")) + gumbel_noise_at(batch.seeds, batch.steps, token_ids,
+                                                                         batch.keys)
+    return token_ids.gather(1, noisy.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
 def sample(logits, batch: SamplingBatch):
-    """logits: [B, V] fp32 -> (next token ids [B] int64, logprobs [B, V] of the raw logits or None)."""
-    logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
-    if batch.seen_token_ids is not None:
+    """logits: [B, V] fp32 -> (next token ids [B] int64, TopLogprobs of the raw logits, or None)."""
+    top = None
+    if batch.num_logprobs >= 0:
+        logprobs = torch.log_softmax(logits, dim=-1)
+    if batch.seen_mask is not None:
+        logits = apply_repetition_penalty_mask(logits, batch.seen_mask, batch.repetition_penalties)
+    elif batch.seen_token_ids is not None:
         logits = apply_repetition_penalty(logits, batch.seen_token_ids, batch.repetition_penalties)
-    greedy_tokens = logits.argmax(dim=-1)
-    if batch.all_greedy:
-        return greedy_tokens, logprobs
-    temperatures = torch.where(batch.temperatures > 0, batch.temperatures, torch.ones_like(batch.temperatures))
-    scaled = logits / temperatures[:, None]
-    if batch.any_top_k or batch.any_top_p:
-        scaled = filter_top_k_top_p(scaled, batch.top_ks, batch.top_ps, batch.any_top_k, batch.any_top_p)
-    drawn = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1])).argmax(dim=-1)
-    return torch.where(batch.temperatures > 0, drawn, greedy_tokens), logprobs
+    if not batch.all_sampled:
+        tokens = logits.argmax(dim=-1)
+    if not batch.all_greedy:
+        if batch.all_sampled:
+            scaled = logits / batch.temperatures[:, None]
+        else:
+            sampled = batch.temperatures > 0
+            scaled = logits / torch.where(sampled, batch.temperatures, 1.0)[:, None]
+        if batch.any_top_k or batch.any_top_p:
+            drawn = _draw_filtered(scaled, batch)
+            if batch.any_unfiltered:
+                filtered = (batch.top_ks > 0) | (batch.top_ps < 1)
+                whole = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1], batch.keys)).argmax(-1)
+                drawn = torch.where(filtered, drawn, whole)
+        else:
+            drawn = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1], batch.keys)).argmax(dim=-1)
+        tokens = drawn if batch.all_sampled else torch.where(sampled, drawn, tokens)
+    if batch.num_logprobs >= 0:
+        values, token_ids = logprobs.topk(max(batch.num_logprobs, 1), dim=-1)
+        top = TopLogprobs(logprobs.gather(1, tokens[:, None]).squeeze(1), values, token_ids)
+    return tokens, top

@@ -6,9 +6,10 @@ so that the ops trace under torch.compile and pass torch.library.opcheck.
 """
 from .attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache
 from .extension import KERNEL_CHOICES, extension_available, extension_built_with_cuda, resolve_kernels
+from .fused import add_rmsnorm, rope_cache
 from .moe import fused_moe
 
 __all__ = [
     "KERNEL_CHOICES", "extension_available", "extension_built_with_cuda", "resolve_kernels",
-    "fused_moe", "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
+    "fused_moe", "add_rmsnorm", "rope_cache", "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
 ]

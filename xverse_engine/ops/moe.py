@@ -1,8 +1,11 @@
 """The MoE block as four ops (gating/top-k, align, gate_up GEMM, down GEMM + combine), their pure-PyTorch
 twins, and `fused_moe`, the front the model calls.
 
-Legend: T tokens, H hidden, E experts, I expert intermediate size, k top_k, P = T * k routed pairs.
-A pair p = t * k + j is token t's j-th choice. The align op groups pairs by expert, each group padded to
+Legend: T tokens, H hidden, E experts, I expert intermediate size, k top_k, S shared experts,
+P = T * (k + S) pairs. A pair p = t * (k + S) + j is token t's j-th choice; with S > 0, gating appends the
+shared experts E .. E+S-1 to every token with weight 1.0 (j = k .. k+S-1), so the grouped GEMM serves them
+too (their weights are stacked after the routed experts: w13 [E+S, 2I, H]) and the combine adds them after
+the routed ones, in fixed j order. The align op groups pairs by expert, each group padded to
 a multiple of the GEMM block height `block_m` with the sentinel P, so that every block of `block_m`
 rows belongs to one expert (`block_expert_ids`). All buffers are sized for the worst case from shapes
 alone: nothing reads device data on the host, so the whole block can be captured in a CUDA graph.
@@ -21,8 +24,14 @@ def max_padded_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return (worst_rows + block_m - 1) // block_m
 
 
+DECODE_BLOCK_M = 8        # the weight-streaming decode GEMM: tokens are the narrow (n8) side of the MMA
+DECODE_MAX_PAIRS = 64     # up to this many pairs a step is a decode step (bound by reading the weights)
+
+
 def choose_block_m(num_pairs: int, num_experts: int) -> int:
-    """GEMM block height: small when few rows per expert (decode), larger for prefill."""
+    """GEMM block height: 8 for decode (the weight-streaming kernel), 16..64 for larger batches."""
+    if num_pairs <= DECODE_MAX_PAIRS:
+        return DECODE_BLOCK_M
     rows_per_expert = num_pairs / max(num_experts, 1)
     if rows_per_expert <= 16:
         return 16
@@ -33,8 +42,9 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
 
 # ---- twins: the readable reference of each op's contract ---------------------------------------------
 
-def gating_topk_torch(hidden, router_weight, top_k: int):
-    # hidden: [T, H]  router_weight: [E, H] fp32  ->  weights [T, k] fp32, ids [T, k] int32
+def gating_topk_torch(hidden, router_weight, top_k: int, num_shared: int = 0):
+    # hidden: [T, H]  router_weight: [E, H] fp32  ->  weights [T, k + S] fp32, ids [T, k + S] int32
+    # (the S shared experts E .. E+S-1 last, weight 1.0)
     logits = hidden.float() @ router_weight.float().t()                      # [T, E] fp32
     probs = torch.softmax(logits, dim=-1)
     # NaN ranks below every number and ties go to the lower index, so padding rows still get valid ids.
@@ -42,13 +52,20 @@ def gating_topk_torch(hidden, router_weight, top_k: int):
     ids = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :top_k]
     weights = probs.gather(1, ids)
     weights = weights / (weights.sum(dim=-1, keepdim=True) + ROUTER_EPS)
+    if num_shared > 0:
+        num_tokens, num_experts = hidden.shape[0], router_weight.shape[0]
+        shared = torch.arange(num_experts, num_experts + num_shared, device=ids.device).expand(num_tokens, -1)
+        ids = torch.cat([ids, shared], dim=1)
+        weights = torch.cat([weights, weights.new_ones(num_tokens, num_shared)], dim=1)
     return weights, ids.to(torch.int32)
 
 
-def moe_align_torch(topk_ids, num_experts: int, block_m: int):
+def moe_align_torch(topk_ids, num_experts: int, block_m: int, token_mask=None):
     # topk_ids: [T, k] -> sorted_pair_ids [max_blocks * block_m], block_expert_ids [max_blocks], num_padded [1]
     # An id of -1 marks a pair whose expert lives on another tensor-parallel rank: it is placed nowhere,
     # so the GEMMs skip it and its rows stay 0. Any other id outside [0, num_experts) is an error.
+    # token_mask: [T] bool or None; the pairs of a token whose mask is False are left out of the layout too
+    # (graph padding rows route to no expert), as if they were not there.
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     max_blocks = max_padded_blocks(num_pairs, num_experts, block_m)
@@ -58,7 +75,10 @@ def moe_align_torch(topk_ids, num_experts: int, block_m: int):
         p = int(bad.nonzero()[0])
         raise RuntimeError(f"moe_align: topk_ids[{p}] = {int(expert_of_pair[p])} is outside [0, {num_experts}) "
                            f"(-1 alone marks another rank's expert)")
-    local = (expert_of_pair >= 0).nonzero().squeeze(1)                      # [P_local] pairs to place
+    kept = expert_of_pair >= 0
+    if token_mask is not None:
+        kept &= token_mask.reshape(-1, 1).expand(topk_ids.shape).reshape(-1)
+    local = kept.nonzero().squeeze(1)                                        # [P_local] pairs to place
     counts = torch.bincount(expert_of_pair[local], minlength=num_experts)   # [E]
     padded = (counts + block_m - 1) // block_m * block_m                     # [E]
     group_start = torch.cumsum(padded, 0) - padded                           # [E]
@@ -137,18 +157,26 @@ def local_expert_ids(topk_ids, first_expert: int, num_local: int):
 
 
 def fused_moe(x, router_weight, w13, w2, top_k: int, shared_out=None, kernels: str = "torch",
-              first_expert: int = 0):
-    """The routed experts of one MoE block, plus `shared_out` added at the end.
-    x: [T, H]  router_weight: [E, H] fp32  w13: [E_local, 2I, H]  w2: [E_local, H, I]  shared_out: [T, H]
+              first_expert: int = 0, num_shared: int = 0, token_mask=None):
+    """One MoE block: the routed experts, the S = num_shared shared experts stacked after them in w13 / w2
+    (each picked by every token with weight 1.0), plus `shared_out` (if given) added at the end.
+    x: [T, H]  router_weight: [E, H] fp32  w13: [E_local + S, 2I, H]  w2: [E_local + S, H, I]
+    shared_out: [T, H]  token_mask: [T] bool or None (False: a padding row, routed nowhere; its output is 0)
     -> [T, H]. Under expert parallelism w13/w2 hold experts [first_expert, first_expert + E_local) only and
-    the result is this rank's partial sum (pairs of other ranks' experts contribute 0)."""
-    num_experts, num_local = router_weight.shape[0], w13.shape[0]
-    block_m = choose_block_m(x.shape[0] * top_k, num_experts)
-    weights, ids = op("gating_topk", kernels)(x, router_weight, top_k)
+    the result is this rank's partial sum (pairs of other ranks' experts contribute 0); shared experts are
+    folded into the stack only without it (S = 0 there)."""
+    num_experts = router_weight.shape[0]
+    num_local = w13.shape[0] - num_shared
+    if num_shared and num_local != num_experts:
+        raise ValueError(f"fused_moe: shared experts fold into the stack only without expert parallelism "
+                         f"(w13 holds {num_local} routed experts of {num_experts})")
+    pairs_per_token = top_k + num_shared
+    block_m = choose_block_m(x.shape[0] * pairs_per_token, num_experts + num_shared)
+    weights, ids = op("gating_topk", kernels)(x, router_weight, top_k, num_shared)
     if num_local != num_experts:
         ids = local_expert_ids(ids, first_expert, num_local)
-    sorted_ids, block_ids, num_padded = op("moe_align", kernels)(ids, num_local, block_m)
-    act = op("moe_gate_up", kernels)(x, w13, sorted_ids, block_ids, num_padded, top_k, block_m)
+    sorted_ids, block_ids, num_padded = op("moe_align", kernels)(ids, num_local + num_shared, block_m, token_mask)
+    act = op("moe_gate_up", kernels)(x, w13, sorted_ids, block_ids, num_padded, pairs_per_token, block_m)
     return op("moe_down_combine", kernels)(act, w2, sorted_ids, block_ids, num_padded, weights, shared_out,
                                            block_m)
 
@@ -157,12 +185,12 @@ def fused_moe(x, router_weight, w13, w2, top_k: int, shared_out=None, kernels: s
 
 if extension_available():
     @torch.library.register_fake("xverse::gating_topk")
-    def _gating_topk_fake(hidden, router_weight, top_k):
-        shape = (hidden.shape[0], top_k)
+    def _gating_topk_fake(hidden, router_weight, top_k, num_shared=0):
+        shape = (hidden.shape[0], top_k + num_shared)
         return (hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.int32))
 
     @torch.library.register_fake("xverse::moe_align")
-    def _moe_align_fake(topk_ids, num_experts, block_m):
+    def _moe_align_fake(topk_ids, num_experts, block_m, token_mask=None):
         max_blocks = max_padded_blocks(topk_ids.numel(), num_experts, block_m)
         return (topk_ids.new_empty((max_blocks * block_m,), dtype=torch.int32),
                 topk_ids.new_empty((max_blocks,), dtype=torch.int32),

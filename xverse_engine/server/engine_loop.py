@@ -48,8 +48,8 @@ class Delta:
 class RequestGroup:
     """The engine requests of one HTTP call (prompts x n choices) and the one wake-up its handler waits on.
 
-    deliver() runs on the engine thread, next() on the asyncio loop; a lock guards the mailboxes, and at most
-    one wake-up callback is in flight at a time."""
+    put() runs on the engine thread, next() on the asyncio loop; a lock guards the mailboxes, and at most one
+    wake-up is asked for until the handler has looked."""
 
     def __init__(self, inputs: list, loop: asyncio.AbstractEventLoop):
         self.inputs = inputs                    # [(prompt_token_ids, SamplingParams)] in choice order
@@ -68,7 +68,8 @@ class RequestGroup:
     def finished(self) -> bool:
         return self._open == 0
 
-    def deliver(self, index: int, delta: Delta):
+    def put(self, index: int, delta: Delta) -> bool:
+        """Leaves a delta in choice `index`'s mailbox; True if the handler needs a wake-up (see wake_all)."""
         with self._lock:
             box = self._mailboxes[index]
             if box is None:
@@ -77,11 +78,7 @@ class RequestGroup:
                 box.merge(delta)
             wake = not self._wake_pending
             self._wake_pending = True
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._event.set)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
+        return wake
 
     async def next(self) -> list:
         """Waits for news; returns [(index, Delta)] in choice order."""
@@ -93,6 +90,24 @@ class RequestGroup:
             self._mailboxes = [None] * len(self.inputs)
         self._open -= sum(1 for _, d in ready if d.finished)
         return ready
+
+
+def wake_all(groups: list):
+    """Wakes the handlers of these groups: one thread-safe call per event loop, not one per group (each such
+    call is a system call, and a step may touch hundreds of requests)."""
+    by_loop = {}
+    for group in groups:
+        by_loop.setdefault(group._loop, []).append(group._event)
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _set_all(events: list):
+    for event in events:
+        event.set()
 
 
 def held_back_length(text: str, stops: list) -> int:
@@ -227,8 +242,11 @@ class EngineLoop:
         with self._cond:
             self._ready = True
             self._cond.notify_all()
-        while self._iterate(engine):
-            pass
+        try:
+            while self._iterate(engine):
+                pass
+        finally:
+            engine.shutdown()   # tensor-parallel workers, if any
 
     def _iterate(self, engine) -> bool:
         """Takes the inbox, then runs one step if there is work; False once stopped. An error fails the requests
@@ -266,21 +284,25 @@ class EngineLoop:
             try:
                 request_id = engine.add_request(None, params, prompt_token_ids=prompt_token_ids)
             except (RequestError, ValueError) as error:
-                group.deliver(index, Delta(finished=True, finish_reason="error", error=str(error)))
+                if group.put(index, Delta(finished=True, finish_reason="error", error=str(error))):
+                    wake_all([group])
                 continue
             group.request_ids.append(request_id)
             self._tracked[request_id] = _Tracked(group, index, params.stop)
 
     def _deliver(self, engine, request_ids):
+        to_wake = []
         for request_id in request_ids:
             tracked = self._tracked.get(request_id)
             if tracked is None:
                 continue
             output = engine.get_output(request_id)   # a finished request is released here
-            tracked.group.deliver(tracked.index, tracked.take(output))
+            if tracked.group.put(tracked.index, tracked.take(output)):
+                to_wake.append(tracked.group)
             if output.finished:
                 del self._tracked[request_id]
                 self._on_finished(output)
+        wake_all(to_wake)
 
     def _abort(self, engine, group: RequestGroup):
         for request_id in group.request_ids:
@@ -295,7 +317,8 @@ class EngineLoop:
                 engine.get_output(request_id)
             except Exception:  # noqa: BLE001 (the engine is already in trouble; the client still gets told)
                 logger.exception("could not abort request %d", request_id)
-            tracked.group.deliver(tracked.index, Delta(finished=True, finish_reason="error", error=message))
+            if tracked.group.put(tracked.index, Delta(finished=True, finish_reason="error", error=message)):
+                wake_all([tracked.group])
             del self._tracked[request_id]
 
     def _publish_stats(self):

@@ -1,0 +1,151 @@
+"""Host time per engine step, with the model's compute stubbed out.
+
+What a step costs the host (scheduling, the persistent batch's inputs, launching the sampler, reading the
+sampled ids, stop checks) at B = 1, 64 and 256 running sequences with 1k tokens of context each, for
+three kinds of sampling: greedy; the checkpoint's defaults (XVERSE-MoE-A4.2B's generation_config.json:
+greedy with repetition_penalty 1.1); and top-k + top-p + logprobs=5. On a GPU a real B=256 step at 1k
+context takes ~25-30 ms of device time; the engine's host work should stay far below it.
+
+The stub: the forward returns a preallocated hidden state and compute_logits a fixed [S, V] table, with a
+small vocabulary (--vocab, default 128) so that each sampler op costs about what dispatching it costs (on
+a GPU it would be a kernel launch) rather than the CPU's arithmetic on 100k columns. Each step is timed in
+wall-clock and in this thread's CPU time (time.thread_time), which other processes sharing the machine
+cannot inflate; each is the median over --repeats runs of the median of --steps steps. Everything else is
+the real engine: the embedded tiny model's tokenizer and config (its weights are never used), the real
+scheduler, block manager, persistent batch, sampler code, and asynchronous stepping.
+
+    python -m benchmarks.host_overhead --json host.json
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import machine_info, print_table, write_json
+from xverse_engine import Engine, SamplingParams
+from xverse_engine.config import ASSETS_DIR
+
+GOALS_MS = {(256, "defaults"): 1.5, (64, "topk_topp_logprobs"): 1.0, (1, "greedy"): 0.1, (1, "defaults"): 0.1,
+            (1, "topk_topp_logprobs"): 0.1}
+SAMPLING = {
+    "greedy": SamplingParams(temperature=0, repetition_penalty=1.0, ignore_eos=True),
+    "defaults": SamplingParams(ignore_eos=True),   # the checkpoint's generation_config.json fills the rest
+    "topk_topp_logprobs": SamplingParams(temperature=0.7, top_k=30, top_p=0.85, logprobs=5, seed=0,
+                                         ignore_eos=True),
+}
+
+
+def stub_checkpoint(directory: str, vocab: int) -> str:
+    """The embedded tiny model's config and tokenizer with a small vocabulary, and the real checkpoint's
+    generation_config.json (its sampling defaults)."""
+    tiny = os.path.join(ASSETS_DIR, "tiny-xverse-moe")
+    config = json.load(open(os.path.join(tiny, "config.json")))
+    config["vocab_size"] = vocab
+    json.dump(config, open(os.path.join(directory, "config.json"), "w"))
+    shutil.copy(os.path.join(tiny, "tokenizer.json"), directory)
+    shutil.copy(os.path.join(ASSETS_DIR, "xverse-moe-a4.2b", "generation_config.json"), directory)
+    return directory
+
+
+class StubCompute:
+    """Replaces the model's forward and lm_head with slices of preallocated tensors."""
+
+    def __init__(self, engine, max_tokens: int, max_rows: int, seed: int = 0):
+        model, config, device = engine.model, engine.config, engine.device
+        generator = torch.Generator().manual_seed(seed)
+        self.hidden = torch.zeros((max_tokens, config.hidden_size), dtype=engine.dtype, device=device)
+        self.logits = (torch.randn((max_rows, config.vocab_size), generator=generator) * 4).to(device)
+        model.forward = lambda input_ids, positions, meta, kv_caches: self.hidden[:input_ids.shape[0]]
+        model.compute_logits = lambda hidden: self.logits[:hidden.shape[0]]
+
+
+def measure(path: str, batch: int, sampling: str, args) -> dict:
+    block_size = 16
+    prefill_budget = min(batch * args.context, 16384)
+    prefill_steps = -(-batch * args.context // prefill_budget)   # the first sequences decode meanwhile
+    max_new_tokens = prefill_steps + args.warmup + args.repeats * args.steps + 16
+    max_model_len = args.context + max_new_tokens
+    blocks_per_seq = (max_model_len + block_size - 1) // block_size
+    engine = Engine(path, device=args.device, kernels="torch", dtype="float32", load_format="dummy",
+                    max_num_seqs=batch, max_model_len=max_model_len, block_size=block_size,
+                    num_kv_blocks=batch * blocks_per_seq, max_num_batched_tokens=max(prefill_budget, batch),
+                    enable_prefix_caching=True, show_progress=False, async_scheduling=not args.sync)
+    StubCompute(engine, max(prefill_budget, batch), batch)
+    params = SAMPLING[sampling]
+    params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
+    vocab = engine.config.vocab_size
+    for i in range(batch):
+        prompt = [6 + (i * 7919 + j * 104729) % (vocab - 6) for j in range(args.context)]
+        engine.add_request(None, params, prompt_token_ids=prompt)
+    while any(seq.in_prefill for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(args.warmup):
+        engine.step()
+    wall, cpu = [], []   # per repeat: the median step, in wall-clock and in this thread's CPU time
+    for _ in range(args.repeats):
+        wall_times, cpu_times = [], []
+        for _ in range(args.steps):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            engine.step()
+            cpu_times.append(time.thread_time() - start_cpu)
+            wall_times.append(time.perf_counter() - start)
+        wall.append(statistics.median(wall_times) * 1e3)
+        cpu.append(statistics.median(cpu_times) * 1e3)
+    assert len(engine.scheduler.running) == batch, "every sequence must still be decoding"
+    goal = GOALS_MS.get((batch, sampling))
+    return {"batch": batch, "sampling": sampling, "context": args.context,
+            "wall_ms": statistics.median(wall), "wall_min_ms": min(wall), "wall_max_ms": max(wall),
+            "cpu_ms": statistics.median(cpu), "cpu_min_ms": min(cpu), "cpu_max_ms": max(cpu), "goal_ms": goal,
+            "meets_goal_cpu": None if goal is None else statistics.median(cpu) <= goal,
+            "meets_goal_wall": None if goal is None else statistics.median(wall) <= goal}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--sampling", nargs="+", default=list(SAMPLING), choices=list(SAMPLING))
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
+    p.add_argument("--steps", type=int, default=40, help="decode steps timed per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; the result is the median of their medians")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=128, help="the stub's vocabulary (small: ops cost their dispatch)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sync", action="store_true", help="synchronous stepping (default: asynchronous)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)   # a step's host work is one thread; the stub's ops are tiny
+    with tempfile.TemporaryDirectory() as directory:
+        path = stub_checkpoint(directory, args.vocab)
+        rows = [measure(path, b, s, args) for b in args.batch_sizes for s in args.sampling]
+    payload = {"benchmark": "host_overhead", "machine": machine_info(args.device),
+               "settings": {"context": args.context, "steps": args.steps, "repeats": args.repeats,
+                            "vocab": args.vocab, "async_scheduling": not args.sync,
+                            "stub": "forward and lm_head replaced by slices of preallocated tensors"},
+               "results": rows}
+    write_json(args.json, payload)
+    print(f"\nhost time per decode step, model compute stubbed ({args.device}, {args.context} tokens of context, "
+          f"{'synchronous' if args.sync else 'asynchronous'} stepping; median of {args.repeats} medians of "
+          f"{args.steps} steps)")
+    print_table(rows, [("batch", "B", "{}"), ("sampling", "sampling", "{}"), ("wall_ms", "wall ms", "{:.3f}"),
+                       ("wall_min_ms", "min", "{:.3f}"), ("wall_max_ms", "max", "{:.3f}"),
+                       ("cpu_ms", "CPU ms", "{:.3f}"), ("cpu_min_ms", "min", "{:.3f}"), ("cpu_max_ms", "max", "{:.3f}"),
+                       ("goal_ms", "goal", "{:.1f}"), ("meets_goal_cpu", "met (CPU)", "{}"),
+                       ("meets_goal_wall", "met (wall)", "{}")])
+    print("wall: time per step.step() call; CPU: this thread's CPU time in it (what other processes on a shared "
+          "machine cannot inflate)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
