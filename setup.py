@@ -138,7 +138,8 @@ setup(
                              # cuobjdump / nvdisasm for the SASS checks (tests/test_attention_sass.py)
                              "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
                              "nvidia-cuda-nvdisasm; platform_system == 'Linux'"],
-                    "bench": ["matplotlib"], "serve": SERVE_REQUIRES},
+                    "bench": ["matplotlib"], "serve": SERVE_REQUIRES,
+                    "mutation": ["mutmut>=3.3"]},   # scripts/mutation_test.sh (not CI)
     entry_points={"console_scripts": ["xverse-serve = xverse_engine.serve:main"]},
     ext_modules=[extension] + emulated_extension(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -113,7 +113,12 @@ def main(argv=None):
         finally:
             open(path, "w").write(original)
         print(f"{mutant_id}: {rows[-1][3]} ({time.time() - start:.0f} s)", flush=True)
+        write_table(rows, args.out)   # partial results survive an interrupted run
     build(scratch, log)   # leave the scratch build unmutated
+    print(write_table(rows, args.out))
+
+
+def write_table(rows, out=None) -> str:
     lines = ["| mutant | file | change | result | killed by |", "|---|---|---|---|---|"]
     for mutant_id, file, meaning, result, failed in rows:
         if not failed and result.startswith("0"):
@@ -123,9 +128,10 @@ def main(argv=None):
             killers = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
         lines.append(f"| {mutant_id} | {os.path.basename(file)} | {meaning} | {result} | {killers} |")
     table = "\n".join(lines) + "\n"
-    if args.out:
-        open(args.out, "w").write(table)
-    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table)
+    return table
 
 
 if __name__ == "__main__":

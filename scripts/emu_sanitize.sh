@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 sanitizer=${1:?usage: scripts/emu_sanitize.sh address|thread [pytest args]}
 shift
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python -c "from xverse_engine.ops import emulated; emulated.build_sanitized('$sanitizer', verbose=False)"
 runtime=$(python -c "from xverse_engine.ops import emulated; print(emulated.sanitizer_runtime('$sanitizer'))")
 schedule=alternate
 [ "$sanitizer" = thread ] && schedule=concurrent
+# The sanitized library may only be loaded with its runtime preloaded, building included (the build loads it).
 # detect_leaks=0: CPython and torch keep allocations alive at exit by design.
-XVERSE_EMU_SANITIZER=$sanitizer XVERSE_EMU_SCHEDULE=${XVERSE_EMU_SCHEDULE:-$schedule} LD_PRELOAD=$runtime \
-  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1} \
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1}
+LD_PRELOAD="$runtime" python -c "from xverse_engine.ops import emulated; emulated.build_sanitized('$sanitizer')"
+XVERSE_EMU_SANITIZER=$sanitizer XVERSE_EMU_SCHEDULE=${XVERSE_EMU_SCHEDULE:-$schedule} LD_PRELOAD="$runtime" \
   python -m pytest -q -m emu -p no:cacheprovider tests "$@"

@@ -228,3 +228,63 @@ def test_block_table_contract(emu, monkeypatch):
                 emu.paged_attention_prefill(query, key_cache, value_cache, bad, qsl, lens, 0.1)):
         assert torch.isfinite(out.float()).all()
         assert_close(out[1], expected[1], torch.bfloat16, "the sequence with a good table")
+
+
+# ---- the model with the emulated CUDA attention kernels -----------------------------------------------------------
+
+@pytest.fixture
+def emulated_attention(emu, monkeypatch):
+    """The attention layer calls the emulated CUDA ops (every other op stays on the C++ CPU kernels); counts
+    the calls so a test can see that both kernels ran."""
+    from xverse_engine.layers import attention as layer
+    calls = {"decode": 0, "prefill": 0}
+
+    def decode(query, key_cache, value_cache, block_tables, context_lens, scale, kernels="torch", max_context_len=0):
+        calls["decode"] += 1
+        return emu.paged_attention_decode(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                          max_context_len)
+
+    def prefill(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale, kernels="torch"):
+        calls["prefill"] += 1
+        return emu.paged_attention_prefill(query, key_cache, value_cache, block_tables, query_start_loc,
+                                           context_lens, scale)
+    monkeypatch.setattr(layer, "paged_attention_decode", decode)
+    monkeypatch.setattr(layer, "paged_attention_prefill", prefill)
+    return calls
+
+
+@pytest.mark.slow
+def test_model_greedy_equals_reference_with_emulated_cuda_attention(real_head_ckpt, reference_data,
+                                                                    emulated_attention):
+    """head_dim 80, fp32 (SIMT prefill + split-K decode): exactly the tokens of the float64 reference's full
+    recomputation at every step, as test_model_vs_reference.py asks of the other kernel paths."""
+    from reference import reference_greedy
+    from test_model_vs_reference import PROMPT
+    from xverse_engine import Engine, SamplingParams
+    state_dict, config = reference_data(real_head_ckpt)
+    prompt = [i % config["vocab_size"] for i in PROMPT]
+    expected = reference_greedy(state_dict, config, prompt, 8, repetition_penalty=1.1)
+    engine = Engine(str(real_head_ckpt), device="cpu", dtype="float32", kernels="cpu", num_kv_blocks=64,
+                    block_size=8, show_progress=False)
+    out = engine.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=8,
+                                                                                   ignore_eos=True))[0]
+    assert out.token_ids == expected
+    assert emulated_attention["prefill"] > 0 and emulated_attention["decode"] > 0
+
+
+@pytest.mark.slow
+def test_model_bf16_tensor_core_prefill_matches_cpu_kernels(real_head_ckpt, emulated_attention, monkeypatch):
+    """bf16 (the tensor-core prefill at head_dim 80, several prompts with prefixes ending mid-block): the
+    greedy tokens of the C++ CPU kernels."""
+    from xverse_engine import Engine, SamplingParams
+    prompts = [[(i * 37 + j * 11) % 500 + 6 for j in range(n)] for i, n in enumerate((21, 9, 70))]
+    params = SamplingParams(max_new_tokens=6, temperature=0, repetition_penalty=1.0, ignore_eos=True)
+
+    def greedy():
+        engine = Engine(str(real_head_ckpt), device="cpu", dtype="bfloat16", kernels="cpu", num_kv_blocks=64,
+                        block_size=8, show_progress=False)
+        return [o.token_ids for o in engine.generate(prompt_token_ids=prompts, sampling_params=params)]
+    emulated = greedy()
+    assert emulated_attention["prefill"] > 0 and emulated_attention["decode"] > 0
+    monkeypatch.undo()  # back to the C++ CPU attention kernels
+    assert emulated == greedy()

@@ -106,7 +106,18 @@ GEMM = [
     (7, 8, 2, 136, 72, 16, torch.bfloat16), (5, 4, 3, 80, 48, 32, torch.bfloat16),
     (19, 4, 2, 40, 24, 64, torch.bfloat16), (3, 8, 6, 67, 45, 16, torch.bfloat16),
     (7, 8, 2, 67, 45, 16, torch.float32), (4, 4, 2, 136, 72, 32, torch.float32),
+    (5, 8, 2, 48, 40, 16, torch.float16),  # the mma.sync f16 variant
+    (2, 64, 6, 64, 24, 16, torch.bfloat16),  # decode-like: 12 pairs over 64 experts, most blocks unused
 ]
+# (rtol, atol) on inputs scaled by 0.1: the CPU op tests' table, fp16 as bf16
+TOL = {**moe_cases.TOL, torch.float16: moe_cases.TOL[torch.bfloat16]}
+
+
+def assert_moe_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    err = (actual.float() - expected.float()).abs()
+    bad = err > atol + rtol * expected.float().abs()
+    assert not bad.any(), f"{what}: max abs err {err.max().item():.3e}; {moe_cases.where(bad)}"
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter,block_m,dtype", GEMM)
@@ -116,7 +127,7 @@ def test_moe_gate_up(emu, num_tokens, num_experts, top_k, hidden, inter, block_m
     act = emu.moe_gate_up(x, w13, *layout, top_k, block_m)
     ref = moe.moe_gate_up_torch(x, w13, *layout, top_k, block_m)
     assert act.shape == ref.shape and act.dtype == dtype
-    moe_cases.assert_close(act, ref, dtype, f"emulated gate_up T={num_tokens} E={num_experts} k={top_k} "
+    assert_moe_close(act, ref, dtype, f"emulated gate_up T={num_tokens} E={num_experts} k={top_k} "
                            f"H={hidden} I={inter} block_m={block_m} {dtype}")
 
 
@@ -129,7 +140,7 @@ def test_moe_down_combine(emu, num_tokens, num_experts, top_k, hidden, inter, bl
     out = emu.moe_down_combine(act, w2, *layout, weights, shared, block_m)
     ref = moe.moe_down_combine_torch(act, w2, *layout, weights, shared, block_m)
     assert out.shape == ref.shape and out.dtype == dtype
-    moe_cases.assert_close(out, ref, dtype, f"emulated down_combine T={num_tokens} E={num_experts} k={top_k} "
+    assert_moe_close(out, ref, dtype, f"emulated down_combine T={num_tokens} E={num_experts} k={top_k} "
                            f"H={hidden} I={inter} block_m={block_m} shared={shared is not None} {dtype}")
 
 
@@ -174,10 +185,20 @@ def decode(emu, contexts, block_size, head_dim, heads, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_split_k(emu, dtype):
-    """Capacity > 512 tokens: two partitions per sequence (split-K) and the reduce kernel; context 0 rows
-    (CUDA-graph padding) give zeros; head_dim 80, GQA."""
-    out = decode(emu, [0, 1, 17, 600], 16, 80, (4, 2), dtype)
+    """Capacity > 1024 tokens: three partitions per sequence (split-K) and the reduce kernel, with sequences
+    that fill one, two or three of them; context 0 rows (CUDA-graph padding) give zeros; head_dim 80, GQA."""
+    out = decode(emu, [0, 1, 17, 600, 1100], 16, 80, (4, 2), dtype)
     assert (out[0] == 0).all()
+
+
+def test_decode_strided_query(emu):
+    """query as a view of a fused qkv projection (token stride 3 * Hq * D)."""
+    key_cache, value_cache, tables, lens, gen = attention_cases.paged_batch([5, 40], 2, 2, 80, 16, torch.float32,
+                                                                            "cpu")
+    query = torch.randn(2, 3, 2, 80, generator=gen)[:, 0]
+    expected = attn.paged_attention_decode_torch(query.contiguous(), key_cache, value_cache, tables, lens, 0.1)
+    actual = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 0.1)
+    attention_cases.assert_close(actual, expected, torch.float32, "emulated decode strided query")
 
 
 @pytest.mark.parametrize("block_size,head_dim,heads,dtype", [(16, 80, (2, 2), torch.bfloat16),

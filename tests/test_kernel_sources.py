@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 # Kernel directories converted to the shared PTX / launch helpers.
-CONVERTED = ["moe", "fused"]
+CONVERTED = ["moe", "fused", "attention"]
 
 
 def kernel_files():

@@ -25,18 +25,22 @@ NOISE = U / math.sqrt(3.0)           # std of one rounding's relative error (uni
 
 # ---- RMSNorm: the cast back comes before the weight ---------------------------------------------------------
 
-def test_rmsnorm_in_bf16_casts_back_before_the_weight():
+@pytest.mark.parametrize("kernels,lean", [("torch", True), ("cpu", True), ("torch", False)])
+def test_rmsnorm_in_bf16_casts_back_before_the_weight(kernels, lean):
     """The model normalises in fp32, casts to bf16, THEN multiplies by the bf16 weight (a bf16 product).
     That order is bit-exact reproducible, so the layer must equal the reference bit for bit; multiplying by
-    the weight in fp32 before the cast rounds once instead of twice and differs in many elements."""
+    the weight in fp32 before the cast rounds once instead of twice and differs in many elements.
+    (The layer adds the residual first: a zero residual leaves x as it is.)"""
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 256, generator=gen) * 3).to(torch.bfloat16)
     weight = (1 + 0.3 * torch.randn(256, generator=gen)).to(torch.bfloat16)
-    norm = RMSNorm(256, 1e-6, torch.bfloat16, "cpu")
+    norm = RMSNorm(256, 1e-6, torch.bfloat16, "cpu", kernels=kernels, lean=lean)
     norm.weight.data.copy_(weight)
     expected = reference_rms_norm(x, weight, 1e-6)
     assert expected.dtype == torch.bfloat16
-    assert torch.equal(norm(x), expected)
+    out, residual = norm(x.clone(), torch.zeros_like(x))
+    assert torch.equal(residual, x)
+    assert torch.equal(out, expected)
     x32 = x.float()
     weight_first = (weight.float() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     assert (weight_first != expected).float().mean() > 0.05       # the bug is visible at this size

@@ -85,3 +85,20 @@ def test_a_generated_block_is_cached_for_the_next_request(moe_ckpt, cold):
     out = run(engine, again)
     assert_same_output(out, run(cold, again))
     assert out.metrics.num_cached_prompt_tokens == 2 * BLOCK
+
+
+@pytest.mark.parametrize("weak_hash,hits_survive", [
+    (lambda tokens, previous: hash(tuple(tokens)), True),     # parent-blind: distinct blocks keep distinct keys
+    (lambda tokens, previous: 0, False),                      # constant: one key, so most hits become misses
+], ids=["parent-blind", "constant"])
+def test_a_hit_verifies_its_whole_chain_even_when_keys_collide(moe_ckpt, cold, monkeypatch, weak_hash, hits_survive):
+    """The hash only finds a candidate: with a key function that collides on purpose (ignoring the parent, or
+    the same for every block), a hit still needs the same tokens in the block and in every block before it,
+    so collisions cost misses, never another request's KV."""
+    from xverse_engine.engine import block_manager
+    monkeypatch.setattr(block_manager, "chain_hash", weak_hash)
+    out = second_after_first(moe_ckpt, cold, first=P + X + [7], second=X + Y + [7])
+    assert out.metrics.num_cached_prompt_tokens == 0
+    out = second_after_first(moe_ckpt, cold, first=P + Q + X + [7], second=P + Q + X + [8])
+    if hits_survive:
+        assert out.metrics.num_cached_prompt_tokens == 3 * BLOCK

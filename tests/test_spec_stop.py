@@ -102,3 +102,22 @@ def test_the_earliest_of_several_stop_strings_wins(engine, free_run):
     assert text.find(late) == early_start + 1
     out = engine.generate([PROMPT], greedy(stop=[late, early]))[0]
     assert out.text == text[:early_start] and out.finish_reason == "stop"
+
+
+def test_output_text_keeps_the_leading_space_of_its_first_word(engine):
+    """The output is decoded in the context of the prompt's last tokens, so its text is exactly what the
+    whole sequence decodes to after the prompt (a first word keeps its leading space)."""
+    prompt = "The capital"
+    out = engine.generate([prompt], greedy())[0]
+    ids = engine.tokenizer.encode(prompt)
+    assert out.text == engine.tokenizer.decode(ids + out.token_ids)[len(engine.tokenizer.decode(ids)):]
+    assert out.text.startswith(" ")
+
+
+def test_without_a_tokenizer_token_ids_still_come_out(tmp_path):
+    """A checkpoint without tokenizer files (dummy weights of a preset, say): token ids in and out, text empty."""
+    from checkpoints import make_checkpoint
+    path = make_checkpoint(tmp_path, max_position_embeddings=64, tokenizer=False)
+    engine = Engine(str(path), device="cpu", kernels="cpu", num_kv_blocks=16, block_size=8, show_progress=False)
+    out = engine.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=greedy(stop=["x"]))[0]
+    assert len(out.token_ids) == 16 and out.text == "" and out.finish_reason == "length"

@@ -3,10 +3,10 @@
 // Grid (num_tiles, Hq), 128 threads = 4 warps. A CTA owns kQueryRows = 64 consecutive new tokens of ONE
 // sequence and one query head; warp w owns rows 16w..16w+15 (one m16 tile). The CTA walks the keys its rows
 // can see in tiles of kKeyTile keys (64 for head_dim <= 80, 32 above, so that two stages of K and V stay
-// within the 48 KB of dynamic shared memory a launch gets without opting in), K and V gathered from the paged blocks into shared memory with cp.async,
-// double-buffered (tile j+1 is in flight while tile j is computed). Per key tile and warp:
-//   S = Q K^T     mma.m16n8k16: kKeyTile / 8 n-tiles of 8 keys, reducing over D in D/16 k-steps
-//                 (D = 80: 5 of them);
+// within the 48 KB of dynamic shared memory a launch gets without opting in), K and V gathered from the paged
+// blocks into shared memory with cp.async, double-buffered (tile j+1 is in flight while tile j is computed).
+// Per key tile and warp:
+//   S = Q K^T     mma.m16n8k16: kKeyTile / 8 n-tiles of 8 keys, reducing over D in D/16 k-steps (D = 80: 5);
 //                 Q's A fragments live in registers for the whole CTA, K's B fragments come from ldmatrix.
 //   mask          causal with the cached-prefix offset: row r sits at context position
 //                 context_len - q_len + r and sees keys [0, that position].
@@ -27,12 +27,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include <ATen/cuda/CUDAContext.h>
+
 #include "attention/attention_utils.cuh"
 #include "attention/prefill_mma.h"
 #include "common/launch.cuh"
 #include "common/ptx.cuh"
-
-#include <ATen/cuda/CUDAContext.h>
 
 namespace xverse::attention {
 

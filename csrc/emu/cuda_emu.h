@@ -17,7 +17,6 @@
   [[maybe_unused]] static const bool xverse_emu_registered_##name = \
       ::xverse::emu::register_shared(&(name), sizeof(name))
 #define __launch_bounds__(...)
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
 
 #include <cmath>
 #include <cstdint>

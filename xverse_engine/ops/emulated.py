@@ -132,9 +132,12 @@ def build_sanitized(sanitizer, verbose=False):
 
 
 def sanitizer_runtime(sanitizer):
-    """Path of the compiler's libasan / libtsan, to LD_PRELOAD."""
-    lib = {"address": "libasan.so", "thread": "libtsan.so"}[sanitizer]
-    path = subprocess.run(["c++", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(path):
-        raise EmulatorUnavailable(f"the compiler has no {lib} (install the gcc sanitizer runtime)")
-    return path
+    """The LD_PRELOAD value for a sanitized run: the compiler's libasan / libtsan, then libstdc++ (python does
+    not link it, and without it the sanitizer cannot intercept C++ exceptions: "real___cxa_throw != 0")."""
+    paths = []
+    for lib in ({"address": "libasan.so", "thread": "libtsan.so"}[sanitizer], "libstdc++.so"):
+        path = subprocess.run(["c++", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(path):
+            raise EmulatorUnavailable(f"the compiler has no {lib} (install the gcc sanitizer runtime)")
+        paths.append(path)
+    return " ".join(paths)

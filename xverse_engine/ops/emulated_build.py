@@ -100,7 +100,7 @@ def cxx_flags(sanitizer=None):
     # -O1: the emulation's cost is thread hand-offs, not the kernels' arithmetic; compile time matters more.
     # Sanitized builds: -O0 (faster to compile, exact stacks).
     flags = ["-O0" if sanitizer else "-O1", "-std=c++20", "-g0", "-pthread", "-ffp-contract=off", "-DXVERSE_EMULATE",
-             "-DXVERSE_WITH_CUDA=1", "-include", "emu/cuda_emu.h", "-Wno-unused-variable"]
+             "-DXVERSE_WITH_CUDA=1", "-include", "emu/cuda_emu.h", "-Wno-unused-variable", "-Wno-unknown-pragmas"]
     if sanitizer:
         flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
     return flags

@@ -69,7 +69,7 @@ class RequestGroup:
         return self._open == 0
 
     def put(self, index: int, delta: Delta) -> bool:
-        """Leaves a delta in choice `index`'s mailbox; True if the handler needs a wake-up (see wake_all)."""
+        """Leaves a delta in choice `index`'s mailbox; True if the handler needs a wake-up (wake_all)."""
         with self._lock:
             box = self._mailboxes[index]
             if box is None:
@@ -79,6 +79,19 @@ class RequestGroup:
             wake = not self._wake_pending
             self._wake_pending = True
         return wake
+
+    @staticmethod
+    def wake_all(groups: list):
+        """Wakes the handlers of these groups: one thread-safe call per event loop, not one per group (each such
+        call is a system call, and a step may touch hundreds of requests)."""
+        by_loop = {}
+        for group in groups:
+            by_loop.setdefault(group._loop, []).append(group._event)
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     async def next(self) -> list:
         """Waits for news; returns [(index, Delta)] in choice order."""
@@ -90,19 +103,6 @@ class RequestGroup:
             self._mailboxes = [None] * len(self.inputs)
         self._open -= sum(1 for _, d in ready if d.finished)
         return ready
-
-
-def wake_all(groups: list):
-    """Wakes the handlers of these groups: one thread-safe call per event loop, not one per group (each such
-    call is a system call, and a step may touch hundreds of requests)."""
-    by_loop = {}
-    for group in groups:
-        by_loop.setdefault(group._loop, []).append(group._event)
-    for loop, events in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_set_all, events)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
 
 
 def _set_all(events: list):
@@ -285,7 +285,7 @@ class EngineLoop:
                 request_id = engine.add_request(None, params, prompt_token_ids=prompt_token_ids)
             except (RequestError, ValueError) as error:
                 if group.put(index, Delta(finished=True, finish_reason="error", error=str(error))):
-                    wake_all([group])
+                    RequestGroup.wake_all([group])
                 continue
             group.request_ids.append(request_id)
             self._tracked[request_id] = _Tracked(group, index, params.stop)
@@ -302,7 +302,7 @@ class EngineLoop:
             if output.finished:
                 del self._tracked[request_id]
                 self._on_finished(output)
-        wake_all(to_wake)
+        RequestGroup.wake_all(to_wake)
 
     def _abort(self, engine, group: RequestGroup):
         for request_id in group.request_ids:
@@ -318,7 +318,7 @@ class EngineLoop:
             except Exception:  # noqa: BLE001 (the engine is already in trouble; the client still gets told)
                 logger.exception("could not abort request %d", request_id)
             if tracked.group.put(tracked.index, Delta(finished=True, finish_reason="error", error=message)):
-                wake_all([tracked.group])
+                RequestGroup.wake_all([tracked.group])
             del self._tracked[request_id]
 
     def _publish_stats(self):
