@@ -34,6 +34,19 @@ def kernel_choices():
 
 
 @pytest.fixture(scope="session")
+def emu():
+    """The CPU SIMT emulator of our CUDA kernels (torch.ops.xverse_emu.*). Skipped only where no CUDA headers
+    exist to build it with; where they exist (here, CI) a missing or broken build fails the test."""
+    from xverse_engine.ops import emulated
+    try:
+        return emulated.load()
+    except emulated.EmulatorUnavailable as error:
+        if emulated.emulated_build.cuda_include_dir() is None:
+            pytest.skip(str(error))
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def moe_ckpt(tmp_path_factory):
     """The default small MoE: 2 layers, 8 experts top-2, 2 shared, 2 safetensors shards, tokenizer."""
     return make_checkpoint(tmp_path_factory.mktemp("moe"), max_position_embeddings=512, rope_theta=10000)

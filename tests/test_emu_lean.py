@@ -6,21 +6,11 @@ import pytest
 import torch
 
 import test_fused_ops as fused_cases
-from xverse_engine.ops import emulated, fused, moe
+from xverse_engine.ops import fused, moe
 
 pytestmark = pytest.mark.emu
 
 TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    try:
-        return emulated.load()
-    except emulated.EmulatorUnavailable as error:
-        if emulated.emulated_build.cuda_include_dir() is None:
-            pytest.skip(str(error))  # no CUDA headers on this machine: nothing to emulate with
-        pytest.fail(str(error), pytrace=False)  # headers exist: the build is missing or broken
 
 
 def randn(*shape, dtype=torch.float32, seed=0, scale=0.1):

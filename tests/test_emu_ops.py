@@ -20,16 +20,6 @@ from xverse_engine.ops import moe
 pytestmark = pytest.mark.emu
 
 
-@pytest.fixture(scope="module")
-def emu():
-    try:
-        return emulated.load()
-    except emulated.EmulatorUnavailable as error:
-        if emulated.emulated_build.cuda_include_dir() is None:
-            pytest.skip(str(error))  # no CUDA headers on this machine: nothing to emulate with
-        pytest.fail(str(error), pytrace=False)  # headers exist: the build is missing or broken
-
-
 def test_every_cuda_op_is_emulated(emu):
     assert emulated.ops_without_emulation() == [], (
         "add the op's *_cuda launcher to csrc/emu/emu_bindings.cpp and emulated tests here")
