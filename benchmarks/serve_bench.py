@@ -345,7 +345,7 @@ def main(argv=None) -> dict:
 
     print(f"offline: {n} requests through Engine.generate ...", file=sys.stderr)
     offline = run_offline(args, saturation_sets)
-    print(f"starting the server ...", file=sys.stderr)
+    print("starting the server ...", file=sys.stderr)
     server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n))])
     try:
         asyncio.run(run_level(server.port, saturation_sets[0][:2], 4))   # warm-up, as offline

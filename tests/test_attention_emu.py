@@ -11,7 +11,6 @@ choice (tensor-core prefill for bf16/fp16, SIMT for fp32), the decode split-K pl
   T > 0 rejected, Hq = 0 returning at once, the block-table contract (debug check, never dereferenced).
 """
 import itertools
-import math
 
 import pytest
 import torch

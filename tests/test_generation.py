@@ -1,6 +1,5 @@
 """Engine.generate / stream as a user sees them: batching, sampling, stops, logprobs, bad requests."""
 import pytest
-import torch
 
 from xverse_engine import Engine, SamplingParams
 
