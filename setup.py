@@ -101,6 +101,7 @@ else:
         extra_compile_args={"cxx": cxx_flags},
     )
 
+
 def emulated_extension():
     """xverse_engine._emu: the same .cu sources compiled as C++ for the CPU SIMT emulator (csrc/emu/), used by
     `pytest -m emu`. Skipped with XVERSE_NO_EMU=1, or (with a message) when no cuda_bf16.h is found."""
