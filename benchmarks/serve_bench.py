@@ -32,6 +32,7 @@ import time
 import urllib.request
 
 from benchmarks.common import machine_info, print_table, write_json
+from benchmarks.throughput import add_engine_args
 
 HOST = "127.0.0.1"
 FIRST_ID = 10   # random prompts avoid the special tokens (ids 0..5) and a little margin
@@ -51,21 +52,8 @@ def parse_args(argv=None):
                    "once ('' for none)")
     w.add_argument("--repeats", type=int, default=3, help="offline and saturation runs each; the best counts (other "
                    "work on the machine only ever slows a run down)")
-    w.add_argument("--seed", type=int, default=0)
     w.add_argument("--timeout", type=float, default=1800, help="seconds a level may take before it is abandoned")
-    e = p.add_argument_group("engine (passed to the server as well)")
-    e.add_argument("--model", default=None, help="checkpoint directory or preset (default: the embedded tiny model)")
-    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--kernels", default="auto", choices=["auto", "cuda", "cpu", "torch"])
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--num-kv-blocks", type=int, default=None)
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
-    e.add_argument("--enforce-eager", action="store_true")
-    e.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    add_engine_args(p, title="engine (passed to the server as well)", compare_reference=False)
     p.add_argument("--plot", default=None, metavar="PNG", help="plot latency against load")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]

@@ -25,8 +25,8 @@ SPECIAL_IDS = 10  # random prompts avoid the special tokens (ids 0..5) and a lit
 
 # ---- shared by throughput.py and latency.py -----------------------------------------------------------
 
-def add_engine_args(p: argparse.ArgumentParser):
-    e = p.add_argument_group("engine")
+def add_engine_args(p: argparse.ArgumentParser, title: str = "engine", compare_reference: bool = True):
+    e = p.add_argument_group(title)
     e.add_argument("--model", default=None, help="checkpoint directory or preset name (default: the embedded "
                    "tiny model; xverse-moe-a4.2b with --load-format dummy for the real shapes)")
     e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
@@ -41,8 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser):
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks (GPUs, or CPU processes) to split the model over")
-    p.add_argument("--compare-reference", action="store_true",
-                   help="also run the workload through the model's own reference path and report the ratio")
+    if compare_reference:
+        p.add_argument("--compare-reference", action="store_true",
+                       help="also run the workload through the model's own reference path and report the ratio")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
 
