@@ -110,35 +110,10 @@ def _set_all(events: list):
         event.set()
 
 
-def held_back_length(text: str, stops: list) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string (not sent yet)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
-class _Tracked:
-    """The engine thread's bookkeeping of one engine request: where its output goes, what was sent."""
-    __slots__ = ("group", "index", "stops", "chars", "tokens", "logprobs")
-
-    def __init__(self, group: RequestGroup, index: int, stops: list):
-        self.group, self.index, self.stops = group, index, stops
-        self.chars = self.tokens = self.logprobs = 0
-
-    def take(self, output) -> Delta:
-        end = len(output.text) if output.finished else len(output.text) - held_back_length(output.text, self.stops)
-        text = output.text[self.chars:end] if end > self.chars else ""
-        self.chars = max(self.chars, end)
-        tokens = output.token_ids[self.tokens:]
-        self.tokens += len(tokens)
-        logprobs = output.logprobs[self.logprobs:] if output.logprobs else []
-        self.logprobs += len(logprobs)
-        return Delta(text, tokens, logprobs, output.finished, output.finish_reason, output.error,
-                     output.metrics if output.finished else None)
+def delta_of(engine_delta) -> Delta:
+    """The mailbox form of an Engine.take_delta result."""
+    d = engine_delta
+    return Delta(d.text, d.token_ids, d.logprobs, d.finished, d.finish_reason, d.error, d.metrics)
 
 
 class EngineLoop:
@@ -165,7 +140,7 @@ class EngineLoop:
         self._ready = False
         self._draining = False
         self._stopping = False
-        self._tracked = {}               # engine request id -> _Tracked
+        self._tracked = {}               # engine request id -> (RequestGroup, choice index)
         self._stats = {}
         self._thread = threading.Thread(target=self._run, name="xverse-engine", daemon=True)
 
@@ -264,7 +239,7 @@ class EngineLoop:
                 else:
                     self._abort(engine, group)
             if stopping:
-                for group in {t.group for t in self._tracked.values()}:
+                for group in {group for group, _ in self._tracked.values()}:
                     self._abort(engine, group)
                 self._publish_stats()
                 return False
@@ -288,20 +263,24 @@ class EngineLoop:
                     RequestGroup.wake_all([group])
                 continue
             group.request_ids.append(request_id)
-            self._tracked[request_id] = _Tracked(group, index, params.stop)
+            self._tracked[request_id] = (group, index)
 
     def _deliver(self, engine, request_ids):
+        """Hands each touched request's new output to its mailbox (only what is new: Engine.take_delta), then
+        wakes the handlers with one thread-safe call for the whole step."""
         to_wake = []
+        tracked = self._tracked
         for request_id in request_ids:
-            tracked = self._tracked.get(request_id)
-            if tracked is None:
+            target = tracked.get(request_id)
+            if target is None:
                 continue
-            output = engine.get_output(request_id)   # a finished request is released here
-            if tracked.group.put(tracked.index, tracked.take(output)):
-                to_wake.append(tracked.group)
-            if output.finished:
-                del self._tracked[request_id]
-                self._on_finished(output)
+            group, index = target
+            delta = engine.take_delta(request_id)   # a finished request is released here
+            if group.put(index, delta_of(delta)):
+                to_wake.append(group)
+            if delta.finished:
+                del tracked[request_id]
+                self._on_finished(delta)
         RequestGroup.wake_all(to_wake)
 
     def _abort(self, engine, group: RequestGroup):
@@ -311,14 +290,14 @@ class EngineLoop:
                 self._deliver(engine, [request_id])
 
     def _fail_all(self, engine, message: str):
-        for request_id, tracked in list(self._tracked.items()):
+        for request_id, (group, index) in list(self._tracked.items()):
             try:
                 engine.abort(request_id)
-                engine.get_output(request_id)
+                engine.take_delta(request_id)   # releases it
             except Exception:  # noqa: BLE001 (the engine is already in trouble; the client still gets told)
                 logger.exception("could not abort request %d", request_id)
-            if tracked.group.put(tracked.index, Delta(finished=True, finish_reason="error", error=message)):
-                RequestGroup.wake_all([tracked.group])
+            if group.put(index, Delta(finished=True, finish_reason="error", error=message)):
+                RequestGroup.wake_all([group])
             del self._tracked[request_id]
 
     def _publish_stats(self):
