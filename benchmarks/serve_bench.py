@@ -54,6 +54,9 @@ def parse_args(argv=None):
                    "work on the machine only ever slows a run down)")
     w.add_argument("--timeout", type=float, default=1800, help="seconds a level may take before it is abandoned")
     add_engine_args(p, title="engine (passed to the server as well)", compare_reference=False)
+    p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of torch on both sides (offline "
+                   "here, OMP_NUM_THREADS for the server); default: torch's own choice here, passed on to the server. "
+                   "On a small CPU machine 1 leaves a core for the server's HTTP loop and the client")
     p.add_argument("--plot", default=None, metavar="PNG", help="plot latency against load")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -61,6 +64,8 @@ def parse_args(argv=None):
     for name in ("num_prompts", "input_len", "output_len", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        p.error("--torch-threads must be >= 1")
     if any(c < 1 for c in args.concurrency) or any(r <= 0 for r in args.request_rate):
         p.error("concurrency levels must be >= 1 and request rates > 0")
     return args
@@ -83,7 +88,8 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list:
 
 
 # ---- offline -----------------------------------------------------------------------------------------------
-def run_offline(args, prompt_sets: list) -> dict:
+def run_offline(args, prompt_sets: list) -> tuple:
+    """The best run's summary, and the output texts of every prompt set (to check the server's against)."""
     from xverse_engine import Engine, SamplingParams
     engine = Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                     load_format=args.load_format, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -97,11 +103,12 @@ def run_offline(args, prompt_sets: list) -> dict:
     if sync:
         import torch
         torch.cuda.synchronize()
-    runs = []
+    runs, texts = [], []
     for prompts in prompt_sets:
         start = time.perf_counter()
         outputs = engine.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
         runs.append(summarize_offline(outputs, time.perf_counter() - start))
+        texts.append([o.text for o in outputs])
     result = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
               "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs], "device": str(engine.device)}
     engine.shutdown()   # tensor-parallel workers, if any
@@ -109,7 +116,7 @@ def run_offline(args, prompt_sets: list) -> dict:
     gc.collect()
     if sync:
         torch.cuda.empty_cache()   # the server process needs the memory next
-    return result
+    return result, texts
 
 
 def summarize_offline(outputs, elapsed: float) -> dict:
@@ -122,10 +129,13 @@ def summarize_offline(outputs, elapsed: float) -> dict:
 class Server:
     """`python -m xverse_engine.serve` on a free loopback port, until stop()."""
 
-    def __init__(self, flags: list, start_timeout: float = 1800):
+    def __init__(self, flags: list, start_timeout: float = 1800, torch_threads: int = None):
+        env = dict(os.environ)
+        if torch_threads is not None:
+            env["OMP_NUM_THREADS"] = str(torch_threads)
         self.proc = subprocess.Popen([sys.executable, "-m", "xverse_engine.serve", "--host", HOST, "--port", "0",
                                       "--log-level", "warning", *flags], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
         self.lines = []
         port = threading.Event()
         threading.Thread(target=self._read, args=(port,), daemon=True).start()
@@ -189,13 +199,14 @@ async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
             pass
         if len(status) < 2 or status[1] != b"200":
             return {"error": f"HTTP {status[1:2]}: {(await reader.read())[:200]!r}"}
-        first_token, usage, buffer = None, None, b""
+        first_token, usage, buffer, kept = None, None, b"", []
         while True:   # chunked transfer encoding, carrying server-sent events
             size = int((await reader.readline()).strip() or b"0", 16)
             if size == 0:
                 break
             buffer += (await reader.readexactly(size + 2))[:-2]
             *events, buffer = buffer.split(b"\n\n")
+            kept += events   # their text is parsed after the run (stream_text), outside the timed window
             for event in events:   # parsed only where needed: the client shares the CPU with the server
                 data = event[len(b"data: "):]
                 if data.startswith(b'{"error"'):
@@ -210,9 +221,19 @@ async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else 0
     result = {"ttft": (first_token or end) - start, "e2e": end - start, "output_tokens": tokens,
-              "start": start, "end": end}
+              "start": start, "end": end, "events": kept}
     result["tpot"] = (end - (first_token or end)) / (tokens - 1) if tokens > 1 else None
     return result
+
+
+def stream_text(result: dict) -> str:
+    """The text a stream carried: its chunks' texts joined."""
+    text = []
+    for event in result.get("events", []):
+        data = event[len(b"data: "):]
+        if data != b"[DONE]":
+            text += [choice["text"] for choice in json.loads(data)["choices"]]
+    return "".join(text)
 
 
 async def run_level(port: int, prompts: list, max_tokens: int, *, concurrency=None, rate=None, seed=0,
@@ -261,7 +282,8 @@ def print_report(payload: dict):
           f"{off['requests_per_s']:.2f} req/s")
     print(f"server at saturation:    {sat['output_tokens_per_s']:.1f} output tok/s, {sat['requests_per_s']:.2f} req/s"
           f" -> {100 * payload['saturation_fraction_of_offline']:.1f}% of offline; the engine thread was stepping "
-          f"{100 * sat['engine_busy_fraction']:.1f}% of that time\n")
+          f"{100 * sat['engine_busy_fraction']:.1f}% of that time; streamed texts equal to offline: "
+          f"{sat['all_outputs_equal_offline']} of {sat['requests']} per run\n")
     rows = []
     for level in [sat] + payload["levels"]:
         rows.append({"load": level["load"], "rps": level["requests_per_s"], "tps": level["output_tokens_per_s"],
@@ -331,24 +353,34 @@ def main(argv=None) -> dict:
     # one fresh prompt set per repeat (the same sets offline and served), so no run finds another's prefix cache
     saturation_sets = [make_prompts(n, args.input_len, vocab, 1000 * (seed + 1) + r) for r in range(args.repeats)]
 
-    print(f"offline: {n} requests through Engine.generate ...", file=sys.stderr)
-    offline = run_offline(args, saturation_sets)
+    load_before = os.getloadavg()   # a shared machine: say how busy it was
+    import torch
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    threads = torch.get_num_threads()   # the server gets the same (OMP_NUM_THREADS)
+
+    print(f"offline: {n} requests through Engine.generate ({threads} torch threads) ...", file=sys.stderr)
+    offline, offline_texts = run_offline(args, saturation_sets)
     print("starting the server ...", file=sys.stderr)
-    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n))])
+    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n))], torch_threads=threads)
     try:
         asyncio.run(run_level(server.port, saturation_sets[0][:2], 4))   # warm-up, as offline
         print("server at saturation (all requests at once) ...", file=sys.stderr)
         runs = []
-        for prompts in saturation_sets:
+        for prompts, expected in zip(saturation_sets, offline_texts):
             busy = server.engine_step_seconds()
-            run = summarize_level(asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout)),
-                                  {"mode": "saturation", "load": f"all {n}"})
+            results = asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout))
+            run = summarize_level(results, {"mode": "saturation", "load": f"all {n}"})
             # the share of the wall time the engine thread spent stepping: what the server leaves idle
             run["engine_busy_fraction"] = (server.engine_step_seconds() - busy) / run["duration_s"]
+            # greedy: every streamed text must equal offline's for the same prompt
+            run["outputs_equal_offline"] = sum("error" not in r and stream_text(r) == text
+                                               for r, text in zip(results, expected))
             runs.append(run)
         saturation = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
                       "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs],
-                      "all_engine_busy_fraction": [r["engine_busy_fraction"] for r in runs]}
+                      "all_engine_busy_fraction": [r["engine_busy_fraction"] for r in runs],
+                      "all_outputs_equal_offline": [r["outputs_equal_offline"] for r in runs]}
         levels = []
         plan = [("concurrency", c) for c in args.concurrency] + [("request_rate", r) for r in args.request_rate]
         for i, (mode, value) in enumerate(plan):
@@ -361,14 +393,14 @@ def main(argv=None) -> dict:
     finally:
         server.stop()
 
-    import torch
     device = offline["device"]
     payload = {
         "benchmark": "serve_bench",
-        "machine": {**machine_info(device), "cpu_count": os.cpu_count()},
+        "machine": {**machine_info(device), "cpu_count": os.cpu_count(),
+                    "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()}},
         "engine": {"model": args.model or "tiny-xverse-moe (embedded)", "load_format": args.load_format,
                    "device": device, "dtype": args.dtype, "kernels": args.kernels, "max_num_seqs": args.max_num_seqs,
-                   "torch_threads": torch.get_num_threads()},
+                   "torch_threads": {"offline": threads, "server": threads}},
         "workload": {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len,
                      "repeats": args.repeats,
                      "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions"},
