@@ -10,8 +10,10 @@ close it comes to offline Engine.generate on the same requests in the same run.
    (Poisson arrivals, requests/s; "inf" sends all at once), each with fresh prompts: request throughput,
    TTFT / TPOT / end-to-end percentiles. JSON (--json) and a PNG of latency against load (--plot).
 
-The client is a small asyncio HTTP/1.1 reader (no client library), so it takes little CPU from the server when
-both share a machine.
+The client is a small asyncio HTTP/1.1 reader (no client library) that only takes times and keeps the raw bytes
+while a level runs, and parses them (text, usage) after it, so it takes little CPU from the server when both share
+a machine. On a CPU each saturation run of the server follows offline's run of the same requests, and its streamed
+texts must equal offline's (greedy); --torch-threads gives both sides the same intra-op threads.
 
   python -m benchmarks.serve_bench --device cpu --num-prompts 64 --input-len 32 --output-len 64 \\
       --concurrency 1,4,16,64 --json benchmarks/out/serve.json --plot benchmarks/out/serve.png
@@ -195,7 +197,8 @@ class Server:
 
 # ---- the client ------------------------------------------------------------------------------------------------
 async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
-    """One streaming /v1/completions: TTFT, end-to-end latency and the token count of its usage."""
+    """One streaming /v1/completions, read as raw bytes: only its start, first-text and end times are taken while
+    it runs (the client shares the CPU with the server); read_stream parses it after the level."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
@@ -208,41 +211,54 @@ async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
             pass
         if len(status) < 2 or status[1] != b"200":
             return {"error": f"HTTP {status[1:2]}: {(await reader.read())[:200]!r}"}
-        first_token, usage, buffer, kept = None, None, b"", []
-        while True:   # chunked transfer encoding, carrying server-sent events
-            size = int((await reader.readline()).strip() or b"0", 16)
-            if size == 0:
-                break
-            buffer += (await reader.readexactly(size + 2))[:-2]
-            *events, buffer = buffer.split(b"\n\n")
-            kept += events   # their text is parsed after the run (stream_text), outside the timed window
-            for event in events:   # parsed only where needed: the client shares the CPU with the server
-                data = event[len(b"data: "):]
-                if data.startswith(b'{"error"'):
-                    return {"error": json.loads(data)["error"]["message"]}
-                if first_token is None and b'"text": ""' not in data and b'"choices": []' not in data \
-                        and data != b"[DONE]":
-                    first_token = time.perf_counter()
-                if b'"usage": {' in data:
-                    usage = json.loads(data)["usage"]
+        first_text, raw = None, bytearray()
+        while chunk := await reader.read(1 << 16):   # Connection: close, so the body ends with the connection
+            if first_text is None and has_text(bytes(raw[-16:]) + chunk):
+                first_text = time.perf_counter()
+            raw += chunk
     finally:
         writer.close()
-    end = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage else 0
-    result = {"ttft": (first_token or end) - start, "e2e": end - start, "output_tokens": tokens,
-              "start": start, "end": end, "events": kept}
-    result["tpot"] = (end - (first_token or end)) / (tokens - 1) if tokens > 1 else None
-    return result
+    return {"start": start, "first_text": first_text, "end": time.perf_counter(), "raw": bytes(raw)}
 
 
-def stream_text(result: dict) -> str:
-    """The text a stream carried: its chunks' texts joined."""
-    text = []
-    for event in result.get("events", []):
+def has_text(data: bytes) -> bool:
+    """Whether a completion chunk with non-empty text is in `data`."""
+    at = data.find(b'"text": "')
+    while at != -1:
+        if data[at + 9:at + 10] not in (b'"', b""):
+            return True
+        at = data.find(b'"text": "', at + 1)
+    return False
+
+
+def read_stream(result: dict) -> dict:
+    """Parses a finished stream (chunked transfer encoding carrying server-sent events): its text, its usage's
+    token count, TTFT / TPOT / end-to-end latency, or its error."""
+    if "error" in result:
+        return result
+    raw, body, at = result["raw"], [], 0
+    while True:
+        eol = raw.find(b"\r\n", at)
+        size = int(raw[at:eol], 16) if eol > at else 0
+        if size == 0:
+            break
+        body.append(raw[eol + 2:eol + 2 + size])
+        at = eol + 2 + size + 2
+    text, usage = [], None
+    for event in b"".join(body).split(b"\n\n"):
         data = event[len(b"data: "):]
-        if data != b"[DONE]":
-            text += [choice["text"] for choice in json.loads(data)["choices"]]
-    return "".join(text)
+        if not data or data == b"[DONE]":
+            continue
+        payload = json.loads(data)
+        if "error" in payload:
+            return {"error": payload["error"]["message"]}
+        text += [choice["text"] for choice in payload["choices"]]
+        usage = payload.get("usage") or usage
+    start, end = result["start"], result["end"]
+    first = result["first_text"] or end
+    tokens = usage["completion_tokens"] if usage else 0
+    return {"ttft": first - start, "e2e": end - start, "tpot": (end - first) / (tokens - 1) if tokens > 1 else None,
+            "output_tokens": tokens, "start": start, "end": end, "text": "".join(text)}
 
 
 async def run_level(port: int, prompts: list, max_tokens: int, *, concurrency=None, rate=None, seed=0,
@@ -261,7 +277,8 @@ async def run_level(port: int, prompts: list, max_tokens: int, *, concurrency=No
         delays.append(t)
         if rate and rate != float("inf"):
             t += rng.expovariate(rate)
-    return await asyncio.wait_for(asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays))), timeout)
+    results = await asyncio.wait_for(asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays))), timeout)
+    return [read_stream(r) for r in results]   # parsed once all are done, so parsing takes no CPU from the server
 
 
 def percentiles(values: list) -> dict:
@@ -394,7 +411,7 @@ def main(argv=None) -> dict:
             # the share of the wall time the engine thread spent stepping: what the server leaves idle
             run["engine_busy_fraction"] = (server.engine_step_seconds() - busy) / run["duration_s"]
             # greedy: every streamed text must equal offline's for the same prompt
-            run["outputs_equal_offline"] = sum("error" not in res and stream_text(res) == text
+            run["outputs_equal_offline"] = sum("error" not in res and res["text"] == text
                                                for res, text in zip(results, offline_runs[r][1]))
             run["fraction_of_paired_offline"] = run["output_tokens_per_s"] / offline_runs[r][0]["output_tokens_per_s"]
             runs.append(run)
@@ -429,7 +446,7 @@ def main(argv=None) -> dict:
                    "torch_threads": {"offline": threads, "server": threads}},
         "workload": {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len,
                      "repeats": args.repeats,
-                     "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions"},
+                     "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions, raw bytes parsed after each level"},
         "offline": offline_best,
         "saturation": saturation,
         "runs": "offline and server interleaved, pair by pair" if interleaved else "offline first, then the server",
