@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    "work on the machine only ever slows a run down)")
     w.add_argument("--timeout", type=float, default=1800, help="seconds a level may take before it is abandoned")
     add_engine_args(p, title="engine (passed to the server as well)", compare_reference=False)
+    p.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval: tokens per SSE "
+                   "chunk (default 1, every token)")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of torch on both sides (offline "
                    "here, OMP_NUM_THREADS for the server); default: torch's own choice here, passed on to the server. "
                    "On a small CPU machine 1 leaves a core for the server's HTTP loop and the client")
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.request_rate = [float(r) for r in args.request_rate.split(",") if r.strip()]
-    for name in ("num_prompts", "input_len", "output_len", "repeats"):
+    for name in ("num_prompts", "input_len", "output_len", "repeats", "stream_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -397,7 +399,8 @@ def main(argv=None) -> dict:
     if not interleaved:
         offline.close()
     print("starting the server ...", file=sys.stderr)
-    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n))], torch_threads=threads)
+    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n)),
+                                          "--stream-interval", str(args.stream_interval)], torch_threads=threads)
     try:
         asyncio.run(run_level(server.port, saturation_sets[0][:2], 4))   # warm-up, as offline
         print(f"offline and server at saturation (all requests at once), {args.repeats} times ...", file=sys.stderr)
@@ -444,6 +447,7 @@ def main(argv=None) -> dict:
         "engine": {"model": args.model or "tiny-xverse-moe (embedded)", "load_format": args.load_format,
                    "device": device, "dtype": args.dtype, "kernels": args.kernels, "max_num_seqs": args.max_num_seqs,
                    "torch_threads": {"offline": threads, "server": threads}},
+        "server": {"stream_interval": args.stream_interval},
         "workload": {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len,
                      "repeats": args.repeats,
                      "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions, raw bytes parsed after each level"},

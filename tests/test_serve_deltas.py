@@ -2,12 +2,13 @@
 exactly once (and nothing after the request finished), and the server's mailboxes merge the deltas a slow
 handler missed into one, so a stream that falls behind still says exactly what offline generation says."""
 import asyncio
+import json
 import threading
 
 import pytest
 
 from xverse_engine import Engine, SamplingParams
-from xverse_engine.server.engine_loop import EngineLoop, RequestGroup
+from xverse_engine.server.engine_loop import Delta, EngineLoop, RequestGroup
 
 PROMPTS = ["北京的景点：", "The capital of France is", "Hello", "深圳的景点："]
 
@@ -128,3 +129,70 @@ def test_a_handler_that_falls_behind_gets_one_merged_delta_equal_to_offline(engi
     for (_, delta), out in zip(ready, expected):
         assert delta.finished and delta.finish_reason == out.finish_reason
         assert delta.text == out.text and delta.token_ids == out.token_ids
+
+
+# ---- how often a handler is woken --------------------------------------------------------------------------------
+def delta(tokens: int, finished: bool = False):
+    return Delta(text="x" * tokens, token_ids=[0] * tokens, finished=finished,
+                 finish_reason="length" if finished else None)
+
+
+def put(group: RequestGroup, index: int, d: Delta) -> bool:
+    """What the engine thread does: leave the delta, and wake the handler if put() says so."""
+    wake = group.put(index, d)
+    if wake:
+        RequestGroup.wake_all([group])
+    return wake
+
+
+def run(scenario):
+    return asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_stream_is_woken_for_its_first_token_then_every_n_tokens_then_at_its_end():
+    async def scenario():
+        group = RequestGroup([([1], greedy())], asyncio.get_running_loop(), wake_every=3)
+        wakes = [put(group, 0, delta(1))]        # the first token goes out at once
+        await group.next()
+        wakes += [put(group, 0, delta(1)), put(group, 0, delta(1)), put(group, 0, delta(1))]
+        (_, three), = await group.next()
+        wakes += [put(group, 0, delta(1)), put(group, 0, delta(0, finished=True))]   # the end goes out with the rest
+        (_, last), = await group.next()
+        return wakes, three, last
+
+    wakes, three, last = run(scenario)
+    assert wakes == [True, False, False, True, False, True]
+    assert three.token_ids == [0, 0, 0] and last.finished and last.token_ids == [0]
+
+
+def test_a_call_answered_at_once_is_woken_only_when_a_choice_ends():
+    async def scenario():
+        group = RequestGroup([([1], greedy()), ([2], greedy())], asyncio.get_running_loop(), wake_every=None)
+        wakes = [put(group, 0, delta(1)), put(group, 1, delta(1)), put(group, 0, delta(2))]
+        wakes.append(put(group, 1, delta(1, finished=True)))
+        return wakes, await group.next()
+
+    wakes, ready = run(scenario)
+    assert wakes == [False, False, False, True]
+    assert [(i, len(d.token_ids), d.finished) for i, d in ready] == [(0, 3, False), (1, 2, True)]
+
+
+def test_stream_interval_sends_fewer_chunks_with_the_same_text(engine):
+    pytest.importorskip("fastapi", reason="the [test] extra installs the [serve] extra")
+    from serve_process import ServerProcess
+    prompt = PROMPTS[1]
+    (expected,) = engine.generate([prompt], greedy(24, ignore_eos=True))
+    server = ServerProcess("--stream-interval", "4")
+    try:
+        sock = server.open_stream("/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                      "ignore_eos": True, "stream": True})
+        body = server.read_until(sock, b"data: [DONE]").decode()
+        sock.close()
+    finally:
+        assert server.stop() == 0, server.log
+    chunks = [json.loads(line[len("data: "):]) for line in body.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # 24 tokens: the first alone, then at most 4 per chunk, so about 1 + 23/4 chunks, not 24
+    assert 6 <= len(chunks) <= 8, len(chunks)

@@ -97,8 +97,11 @@ class OpenAIServer:
     """Routes of one server: the model it serves, its key, its engine loop and its metrics."""
 
     def __init__(self, engine_loop: EngineLoop, metrics: ServerMetrics, served_model_name: str,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.loop, self.metrics = engine_loop, metrics
+        self.stream_interval = stream_interval   # tokens per SSE chunk at most (the first token comes alone)
         self.model_name, self.api_key = served_model_name, api_key
         self.created = int(time.time())
         self._token_texts = {}       # token id -> its text, for logprobs (at most the vocabulary)
@@ -156,8 +159,9 @@ class OpenAIServer:
                            param=param, code="context_length_exceeded")
         return ids
 
-    def submit(self, inputs: list) -> RequestGroup:
-        group = RequestGroup(inputs, asyncio.get_running_loop())
+    def submit(self, inputs: list, stream: bool) -> RequestGroup:
+        # a stream is woken every stream_interval tokens; a call that answers at once only when a choice ends
+        group = RequestGroup(inputs, asyncio.get_running_loop(), self.stream_interval if stream else None)
         try:
             self.loop.submit(group)
         except ServerBusy as error:
@@ -227,7 +231,7 @@ class OpenAIServer:
         engine = self.engine()
         self.check_model(req.model)
         prompts_ids = [self.prompt_ids(engine, p, req.max_tokens, "prompt") for p in req.prompts()]
-        group = self.submit(self.sampling_inputs(req, prompts_ids, req.logprobs))
+        group = self.submit(self.sampling_inputs(req, prompts_ids, req.logprobs), req.stream)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
@@ -286,7 +290,7 @@ class OpenAIServer:
         self.check_model(req.model)
         prompts_ids = [self.prompt_ids(engine, req.prompt_text(), req.max_tokens, "messages")]
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        group = self.submit(self.sampling_inputs(req, prompts_ids, logprobs))
+        group = self.submit(self.sampling_inputs(req, prompts_ids, logprobs), req.stream)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
@@ -354,10 +358,10 @@ class OpenAIServer:
 
 
 def create_app(engine_loop: EngineLoop, metrics: ServerMetrics, served_model_name: str,
-               api_key: Optional[str] = None) -> FastAPI:
+               api_key: Optional[str] = None, stream_interval: int = 1) -> FastAPI:
     """The ASGI app. Its lifespan starts the engine thread (the model loads while /health answers 503) and
     stops it at shutdown, after uvicorn's grace period for the requests in flight."""
-    server = OpenAIServer(engine_loop, metrics, served_model_name, api_key)
+    server = OpenAIServer(engine_loop, metrics, served_model_name, api_key, stream_interval)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
 
