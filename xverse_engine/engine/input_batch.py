@@ -3,12 +3,16 @@
 A sequence gets a row when it is first scheduled and keeps it until it finishes or is preempted. The row
 holds what rarely changes (sampling parameters, seed, block table, the repetition-penalty mask of the
 tokens it has seen), so a step touches only what changed: new blocks, newly admitted rows, and one
-scatter of the sampled ids into the penalty mask on the device. The step's flat inputs are computed from
-these arrays with a few vectorised numpy operations, packed into three host buffers (int64, int32, fp32)
-and copied to the device in three transfers.
+scatter of the sampled ids into the penalty mask on the device.
 
-Inputs whose token is still pending (sampled by the previous step, not yet on the host) are gathered on
-the device from that step's output, so the next step never waits for the host to see them.
+What depends only on which sequences run in which rows (their rows, query starts, sample rows, sampling
+settings: FixedInputs) is worked out and uploaded once per batch. While the same sequences keep decoding,
+each fed the token the last step drew (the steady state), a step skips the per-sequence bookkeeping and
+computes just positions, slots, context lengths, block tables and draw keys with a few vectorised numpy
+operations, packed into one host buffer and copied to the device at once.
+
+Inputs whose token is still pending (sampled by the previous step, not yet on the host) are read on the
+device from that step's output, so the next step never waits for the host to see them.
 """
 import dataclasses
 from dataclasses import dataclass
