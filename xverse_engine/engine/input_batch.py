@@ -104,10 +104,11 @@ class InputBatch:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def upload_packed(self, longs: list, ints: list) -> tuple:
+    def upload_packed(self, longs: list, ints: list, zero_copy: Optional[bool] = None) -> tuple:
         """One host-to-device copy for a step's int64 and int32 arrays (lists or arrays of any shape; None for
         absent ones): each is written once into one int64 buffer, the int32 ones into its tail. Returns their
-        device tensors (None where absent), in order and in their shapes."""
+        device tensors (None where absent), in order and in their shapes. zero_copy (default: on the CPU)
+        returns views of the host buffer instead of slices of its device copy."""
         longs = [None if part is None else np.asarray(part, dtype=np.int64) for part in longs]
         num_longs = sum(part.size for part in longs if part is not None)
         buffer = np.empty(num_longs + (sum(part.size for part in ints) + 1) // 2, dtype=np.int64)
@@ -116,7 +117,9 @@ class InputBatch:
         for view, part in zip(long_views + int_views, longs + ints):
             if part is not None:
                 view[...] = part
-        if self.device.type == "cpu":   # the host buffer is the input: no copy, and numpy views cost less
+        if zero_copy is None:
+            zero_copy = self.device.type == "cpu"
+        if zero_copy:   # the host buffer is the input: numpy views cost less than tensor slices
             return ([None if v is None else torch.from_numpy(v) for v in long_views],
                     [torch.from_numpy(v) for v in int_views])
         device = self.upload(buffer)
