@@ -111,9 +111,9 @@ def decode_inputs(contexts, block_size=16, head_dim=80, heads=(2, 1), dtype=torc
 
 @pytest.mark.parametrize("hint", [0, 1, 64, 700, 1 << 20], ids=lambda h: f"hint{h}")
 def test_decode_result_does_not_depend_on_the_hint(emu, hint):
-    """With 2 heads x 3 sequences the 132-SM plan splits a 700-token context into 128-token partitions (hint 0 or
-    700); hint 1 gives one partition that walks 700 keys in 512-key chunks (no reduce pass); hint 64 is
-    shorter than the contexts (the last partition takes the rest)."""
+    """With 2 heads (one block: they share a KV head) x 3 sequences the 132-SM plan splits a 700-token context into
+    128-token partitions (hint 0 or 700); hint 1 gives one partition that walks 700 keys through the cp.async ring
+    of 16-key tiles (no reduce pass); hint 64 is shorter than the contexts (the last partition takes the rest)."""
     contexts = [700, 1, 0]
     query, key_cache, value_cache, tables, lens = decode_inputs(contexts, seed=hint % 97)
     out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 80 ** -0.5, hint)

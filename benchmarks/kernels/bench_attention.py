@@ -10,9 +10,10 @@ FlashAttention when it is installed).
   query heads; SDPA gets the K/V expanded to 32 heads, so its GB/s is over the same unique bytes).
 Every row carries its bytes and FLOPs and checks the paged kernel against SDPA (max abs difference): a wrong
 result fails the run (exit 1, KernelCheckFailed), so a fast wrong kernel cannot hide here. JSON: "results" are
-the decode rows, "gqa_results" the grouped-query decode rows, "prefill_results" the prefill rows, "arithmetic" the GPU shapes' bytes / FLOPs. Without a GPU the same code runs small shapes on the CPU (shape coverage
-only: the CPU kernels are the reference path, not tuned) and prints the arithmetic of the GPU shapes with the
-time each would take at a datasheet roofline.
+the decode rows, "gqa_results" the grouped-query decode rows, "prefill_results" the prefill rows, "arithmetic"
+the GPU shapes' bytes / FLOPs. Without a GPU the same code runs small shapes on the CPU (shape coverage only: the
+CPU kernels are the reference path, not tuned), prints the arithmetic of the GPU shapes with the time each would
+take at a datasheet roofline, and says that no GPU was lent.
 
     python -m benchmarks.kernels.bench_attention --json out.json [--png out.png] [--device cpu]
 """
