@@ -6,7 +6,9 @@ choice (tensor-core prefill for bf16/fp16, SIMT for fp32), the decode split-K pl
   varlen batch; cached prefixes ending mid-block (chunked prefill / prefix reuse); block sizes 8 / 16 / 32;
   bf16 and fp16; head_dim 80 and 128; MHA and GQA; graph-padding rows past query_start_loc[B].
 - decode (csrc/attention/paged_attention.cu): one partition (no reduce) and many, contexts longer than the
-  max_context_len hint, chunked online softmax inside a partition.
+  max_context_len hint, the tile-by-tile online softmax of the cp.async ring; grouped-query layouts (one block
+  per KV head's group of 1, 2, 4 or 8 query heads) over head_dim 80 / 128, bf16 / fp16 / fp32, block sizes
+  8 / 16 / 32, ragged and empty contexts; and that the K/V bytes the kernel copies are each KV byte once.
 - the review fixes: int64 partition arithmetic near INT32_MAX, context_lens clamped in the reduce, B = 0 with
   T > 0 rejected, Hq = 0 returning at once, the block-table contract (debug check, never dereferenced).
 """
@@ -109,9 +111,9 @@ def decode_inputs(contexts, block_size=16, head_dim=80, heads=(2, 1), dtype=torc
 
 @pytest.mark.parametrize("hint", [0, 1, 64, 700, 1 << 20], ids=lambda h: f"hint{h}")
 def test_decode_result_does_not_depend_on_the_hint(emu, hint):
-    """With 2 heads x 3 sequences the 132-SM plan splits a 700-token context into 128-token partitions (hint 0 or
-    700); hint 1 gives one partition that walks 700 keys in 512-key chunks (no reduce pass); hint 64 is
-    shorter than the contexts (the last partition takes the rest)."""
+    """With 2 heads (one block: they share a KV head) x 3 sequences the 132-SM plan splits a 700-token context into
+    128-token partitions (hint 0 or 700); hint 1 gives one partition that walks 700 keys through the cp.async ring
+    of 16-key tiles (no reduce pass); hint 64 is shorter than the contexts (the last partition takes the rest)."""
     contexts = [700, 1, 0]
     query, key_cache, value_cache, tables, lens = decode_inputs(contexts, seed=hint % 97)
     out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 80 ** -0.5, hint)
@@ -126,6 +128,60 @@ def test_decode_dtypes_and_head_dims(emu, dtype, head_dim, block_size):
     out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 0.1)
     expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, 0.1)
     assert_close(out, expected, dtype, f"decode {dtype} D={head_dim} bs={block_size}")
+
+
+# ---- decode: grouped-query attention, one block per KV head's group ------------------------------------------
+
+# (Hq, Hkv, head_dim, dtype, block_size, hint). Query heads per block G = the largest of 8/4/2/1 dividing Hq / Hkv:
+# every G on both head dims and all three dtypes, every block size, split-K on (hint 0: the table capacity, 2-3
+# partitions) and off (hint 1: one partition, no reduce). Hq / Hkv = 6 and 16 run several blocks per KV head.
+GQA_GRID = [
+    (8, 8, 80, torch.bfloat16, 16, 0), (8, 8, 128, torch.float32, 8, 1), (8, 8, 128, torch.float16, 32, 0),
+    (4, 2, 80, torch.bfloat16, 8, 1), (4, 2, 128, torch.float32, 32, 0), (4, 2, 80, torch.float16, 16, 0),
+    (8, 2, 80, torch.float32, 16, 0), (8, 2, 128, torch.float16, 32, 1), (32, 8, 128, torch.bfloat16, 16, 0),
+    (8, 1, 80, torch.float16, 32, 0), (8, 1, 128, torch.bfloat16, 8, 1), (8, 1, 80, torch.float32, 8, 0),
+    (6, 1, 80, torch.float16, 16, 0), (16, 1, 128, torch.bfloat16, 16, 1),
+]
+# ragged: a long context (several tiles and partitions), an empty (graph-padding) row, a tail of one tile + 1
+GQA_CONTEXTS = [300, 0, 17, 129]
+
+
+@pytest.mark.parametrize("num_heads,num_kv,head_dim,dtype,block_size,hint", GQA_GRID,
+                         ids=[f"{h}q{k}kv-d{d}-{str(t).split('.')[-1]}-bs{b}-{'split' if n == 0 else 'one'}"
+                              for h, k, d, t, b, n in GQA_GRID])
+def test_decode_grouped_query_heads(emu, num_heads, num_kv, head_dim, dtype, block_size, hint):
+    query, key_cache, value_cache, tables, lens = decode_inputs(GQA_CONTEXTS, block_size, head_dim,
+                                                                (num_heads, num_kv), dtype, seed=num_heads + head_dim)
+    scale = head_dim ** -0.5
+    out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, scale, hint)
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, scale)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert_close(out, expected, dtype, f"decode Hq={num_heads} Hkv={num_kv} D={head_dim} bs={block_size} hint={hint}")
+    assert (out[1] == 0).all(), "an empty context (graph padding) gives zeros"
+
+
+# (Hq, Hkv, hint, times each KV byte is read): groups of 1, 4 and 8 query heads read it once; Hq / Hkv = 6 runs
+# blocks of 2 (the compiled groups are 1 / 2 / 4 / 8), 3 per KV head, so 3 times (per query head would be 6).
+KV_READS = [(8, 8, 0, 1), (8, 2, 0, 1), (8, 1, 1, 1), (6, 1, 0, 3)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv,hint,reads", KV_READS, ids=["mha-split", "g4-split", "g8-one", "g6-split"])
+def test_decode_reads_each_kv_byte_once_per_group(emu, num_heads, num_kv, hint, reads):
+    """The decode kernel reads K/V only through cp.async (the emulator counts the bytes those copies read):
+    whatever the partitioning, that is exactly every context token's K and V row of every KV head, once per
+    block group. A kernel that streamed a KV head once per query head would read Hq / Hkv times as much."""
+    from xverse_engine.ops import emulated
+    counter = emulated.selftests().async_copy_source_bytes
+    contexts, head_dim, dtype = [300, 0, 17, 129], 80, torch.bfloat16
+    query, key_cache, value_cache, tables, lens = decode_inputs(contexts, 16, head_dim, (num_heads, num_kv), dtype)
+    before = counter()
+    out = emu.paged_attention_decode(query, key_cache, value_cache, tables, lens, 0.1, hint)
+    read = counter() - before
+    kv_bytes = 2 * sum(contexts) * num_kv * head_dim * dtype.itemsize
+    assert read == reads * kv_bytes, \
+        f"the kernel read {read} K/V bytes, {read / kv_bytes:.2f}x the {kv_bytes} in the contexts (expected {reads}x)"
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, 0.1)
+    assert_close(out, expected, dtype, "decode (byte count)")
 
 
 # ---- review fixes (REVIEWS.md, csrc/attention/) ----------------------------------------------------------------

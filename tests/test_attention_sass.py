@@ -1,6 +1,6 @@
 """Static checks on the compiled attention kernels (no GPU needed): the SASS of the built extension shows that
-the tensor-core prefill really issues tensor-core (HMMA) and async-copy (LDGSTS) instructions and spills
-nothing to local memory.
+the tensor-core prefill really issues tensor-core (HMMA) and async-copy (LDGSTS) instructions, that the decode
+kernel stages K/V with async copies (LDGSTS), and that none of them spills to local memory.
 
 Needs the extension built with its CUDA kernels (CI builds them for sm_90a) and cuobjdump, from the CUDA
 toolkit or the `nvidia-cuda-cuobjdump` wheel (in the `test` extra); skipped with the reason otherwise.
@@ -83,12 +83,16 @@ def test_prefill_mma_uses_tensor_cores_and_cp_async(extension_sass):
         assert not ops & {"STL", "LDL"}, f"{name}: spills to local memory ({sorted(ops & {'STL', 'LDL'})})"
 
 
-def test_decode_kernels_do_not_spill(extension_sass):
-    """The bf16 / fp16 decode kernels (the model's dtypes). fp32 at head_dim 128 spills 8 bytes (ptxas -v):
-    a CPU-parity path, left as it is."""
-    kernels = kernels_named(extension_sass, "paged_decode")
-    sixteen_bit = {name: sass for name, sass in kernels.items() if "__nv_bfloat16" in name or "__half" in name}
-    assert len(sixteen_bit) >= 16, sorted(kernels)  # decode + reduce x 2 dtypes x 4 head dims
-    for name, sass in sixteen_bit.items():
+def test_decode_kernels_stage_kv_with_cp_async_and_do_not_spill(extension_sass):
+    """Every instantiation of the decode kernel (3 dtypes x head_dim 64/80/96/128 x 1/2/4/8 query heads per
+    block) copies its K/V tiles with LDGSTS (cp.async) and spills nothing; the reduce kernels spill nothing."""
+    decode = kernels_named(extension_sass, "paged_decode_kernel")
+    assert len(decode) == 48, sorted(decode)
+    for name, sass in decode.items():
         ops = opcodes(sass)
-        assert not ops & {"STL", "LDL"}, f"{name}: spills to local memory"
+        assert "LDGSTS" in ops, f"{name}: no LDGSTS (cp.async) instruction in its SASS"
+        assert not ops & {"STL", "LDL"}, f"{name}: spills to local memory ({sorted(ops & {'STL', 'LDL'})})"
+    reduce = kernels_named(extension_sass, "paged_decode_reduce_kernel")
+    assert len(reduce) == 12, sorted(reduce)
+    for name, sass in reduce.items():
+        assert not opcodes(sass) & {"STL", "LDL"}, f"{name}: spills to local memory"

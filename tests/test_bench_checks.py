@@ -139,6 +139,7 @@ def quick_measurements(monkeypatch):
         monkeypatch.setattr(module, "measure_memory_bandwidth", lambda device, *a, **k: 1e10)
     monkeypatch.setattr(bench_moe, "measure_matmul_peak", lambda device, *a, **k: 1e11)
     monkeypatch.setattr(bench_attention, "CPU_SHAPES", [(1, 40), (3, 19)])
+    monkeypatch.setattr(bench_attention, "CPU_GQA_SHAPES", [(2, 21)])
 
 
 def test_bench_moe_smoke(tmp_path, quick_measurements):
@@ -170,6 +171,18 @@ def test_bench_attention_smoke(tmp_path, quick_measurements):
     rows = json.loads((tmp_path / "attn.json").read_text())["results"]
     assert [(r["batch"], r["context"]) for r in rows] == [(1, 40), (3, 19)]
     assert all(r["ok"] and r["max_abs_diff_vs_sdpa"] < 1e-4 for r in rows) and payload["results"] == rows
+    gqa = payload["gqa_results"]
+    assert [(r["batch"], r["context"], r["heads"], r["kv_heads"]) for r in gqa] == [(2, 21, 32, 8)]
+    assert all(r["ok"] and r["max_abs_diff_vs_sdpa"] < 1e-4 for r in gqa)
+    # each KV byte once: 2 (K, V) x B x ctx x Hkv x D x 4 bytes (fp32), not x Hq
+    assert gqa[0]["mbytes"] * 1e6 == 2 * 2 * 21 * 8 * 128 * 4
+
+
+def test_bench_attention_arithmetic_counts_gqa_kv_bytes_once():
+    rows = {r["shape"]: r for r in bench_attention.arithmetic_rows() if r["kind"] == "decode GQA"}
+    row = rows["B=1 ctx=8192 32q/8kv x128"]
+    assert row["mbytes"] * 1e6 == 2 * 8192 * 8 * 128 * 2  # bf16 K and V of 8 KV heads
+    assert row["gflop"] * 1e9 == 4 * 8192 * 32 * 128       # every query head's QK and PV
 
 
 def test_bench_attention_refuses_a_wrong_kernel(monkeypatch, quick_measurements):

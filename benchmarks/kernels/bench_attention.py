@@ -5,11 +5,15 @@ FlashAttention when it is installed).
   matmul peak (compute bound). FLOPs count only the unmasked half: 4 * D * H * T (T + 1) / 2.
 - decode (batch 1 at 1k / 8k / 32k context, batch 64 at 1k): GB/s over the K/V bytes read and the fraction of
   this card's measured HBM bandwidth (a device-to-device copy in the same run; memory bound).
+- grouped-query decode (32 query heads over 8 KV heads x 128, as the dense XVERSE / GQA checkpoints; batch 1 at
+  8k, batch 64 at 1k): the same, with each KV byte counted once (the kernel reads a KV head once per group of 4
+  query heads; SDPA gets the K/V expanded to 32 heads, so its GB/s is over the same unique bytes).
 Every row carries its bytes and FLOPs and checks the paged kernel against SDPA (max abs difference): a wrong
 result fails the run (exit 1, KernelCheckFailed), so a fast wrong kernel cannot hide here. JSON: "results" are
-the decode rows, "prefill_results" the prefill rows, "arithmetic" the GPU shapes' bytes / FLOPs. Without a GPU the same code runs small shapes on the CPU (shape coverage
-only: the CPU kernels are the reference path, not tuned) and prints the arithmetic of the GPU shapes with the
-time each would take at a datasheet roofline.
+the decode rows, "gqa_results" the grouped-query decode rows, "prefill_results" the prefill rows, "arithmetic"
+the GPU shapes' bytes / FLOPs. Without a GPU the same code runs small shapes on the CPU (shape coverage only: the
+CPU kernels are the reference path, not tuned), prints the arithmetic of the GPU shapes with the time each would
+take at a datasheet roofline, and says that no GPU was lent.
 
     python -m benchmarks.kernels.bench_attention --json out.json [--png out.png] [--device cpu]
 """
@@ -28,6 +32,9 @@ GPU_PREFILL = [1024, 4096, 8192]
 GPU_DECODE = [(1, 1024), (1, 8192), (1, 32768), (64, 1024)]
 CPU_PREFILL = [64, 200]
 CPU_SHAPES = [(1, 256), (2, 512), (4, 256)]  # decode (batch, context) on the CPU
+GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_DIM = 32, 8, 128  # grouped-query decode: 4 query heads per KV head
+GPU_GQA_DECODE = [(1, 8192), (64, 1024)]
+CPU_GQA_SHAPES = [(1, 64), (2, 33)]
 # Datasheet rooflines for the arithmetic printed without a GPU (dense bf16 FLOP/s, HBM bytes/s).
 DATASHEET = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 # Largest |paged - SDPA| allowed. Both read the same K/V values; they differ by summation order and by the
@@ -63,7 +70,8 @@ def prefill_bytes(tokens, heads=NUM_HEADS, head_dim=HEAD_DIM, elem=2):
 
 
 def decode_bytes(batch, context, heads=NUM_HEADS, head_dim=HEAD_DIM, elem=2):
-    """The K and V of every context token (q and the output are ~1/context of that)."""
+    """The K and V of every context token (q and the output are ~1/context of that). heads: the KV heads, so
+    under grouped-query attention each KV byte counts once, however many query heads read it."""
     return 2 * batch * context * heads * head_dim * elem
 
 
@@ -81,10 +89,13 @@ def arithmetic_rows():
         for card, (peak, hbm) in DATASHEET.items():
             row[f"{card} us"] = max(flops / peak, nbytes / hbm) * 1e6
         rows.append(row)
-    for batch, context in GPU_DECODE:
-        flops, nbytes = decode_flops(batch, context), decode_bytes(batch, context)
-        row = {"kind": "decode", "shape": f"B={batch} ctx={context}", "gflop": flops / 1e9, "mbytes": nbytes / 1e6,
-               "flop_per_byte": flops / nbytes}
+    decode_shapes = [("decode", b, c, NUM_HEADS, NUM_HEADS, HEAD_DIM) for b, c in GPU_DECODE]
+    decode_shapes += [("decode GQA", b, c, GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_DIM) for b, c in GPU_GQA_DECODE]
+    for kind, batch, context, heads, kv_heads, head_dim in decode_shapes:
+        flops = decode_flops(batch, context, heads, head_dim)
+        nbytes = decode_bytes(batch, context, kv_heads, head_dim)
+        row = {"kind": kind, "shape": f"B={batch} ctx={context} {heads}q/{kv_heads}kv x{head_dim}",
+               "gflop": flops / 1e9, "mbytes": nbytes / 1e6, "flop_per_byte": flops / nbytes}
         for card, (peak, hbm) in DATASHEET.items():
             row[f"{card} us"] = max(flops / peak, nbytes / hbm) * 1e6
         rows.append(row)
@@ -111,9 +122,9 @@ def paged_copy(k, v, block_size, gen):
     return caches[0], caches[1], tables
 
 
-def random_kv(batch, context, dtype, device, gen):
+def random_kv(batch, context, dtype, device, gen, heads=NUM_HEADS, head_dim=HEAD_DIM):
     """Random K and V, each [B, H, C, D] (SDPA layout)."""
-    return [torch.randn(batch, NUM_HEADS, context, HEAD_DIM, generator=gen).to(dtype).to(device) for _ in range(2)]
+    return [torch.randn(batch, heads, context, head_dim, generator=gen).to(dtype).to(device) for _ in range(2)]
 
 
 def flash_attn_func():
@@ -162,14 +173,16 @@ def bench_prefill(tokens, args, peak):
     return row
 
 
-def bench_decode(batch, context, args, hbm):
+def bench_decode(batch, context, args, hbm, heads=NUM_HEADS, kv_heads=NUM_HEADS, head_dim=HEAD_DIM):
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(batch * 100003 + context)
-    k, v = random_kv(batch, context, dtype, args.device, gen)
-    query = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype).to(args.device)  # [B, H, D]
+    k, v = random_kv(batch, context, dtype, args.device, gen, kv_heads, head_dim)           # [B, Hkv, C, D]
+    query = torch.randn(batch, heads, head_dim, generator=gen).to(dtype).to(args.device)    # [B, Hq, D]
     key_cache, value_cache, tables = paged_copy(k, v, args.block_size, gen)
     lens = torch.full((batch,), context, dtype=torch.int32, device=args.device)
-    scale = HEAD_DIM ** -0.5
+    scale = head_dim ** -0.5
+    if kv_heads != heads:  # SDPA: each KV head repeated for its query heads (outside the timing)
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))                # [B, Hq, C, D]
     bucket = 1 << (context - 1).bit_length()  # the bound a graph-capturing runner would pass: next power of 2
 
     def paged():
@@ -185,11 +198,12 @@ def bench_decode(batch, context, args, hbm):
     if fa is not None:
         q_fa, k_fa, v_fa = (t.transpose(1, 2).contiguous() for t in (q4, k, v))
         fns["flash_attn"] = lambda: fa(q_fa, k_fa, v_fa, softmax_scale=scale)
-    nbytes = decode_bytes(batch, context, elem=key_cache.element_size())
+    nbytes = decode_bytes(batch, context, kv_heads, head_dim, elem=key_cache.element_size())
     diff = (paged().float() - sdpa().squeeze(2).float()).abs().max().item()
     allowed = MAX_ABS_DIFF_PER_MAX_V[args.dtype] * v.abs().max().item()
-    row = {"batch": batch, "context": context, "mbytes": nbytes / 1e6,
-           "gflop": decode_flops(batch, context) / 1e9, "max_abs_diff_vs_sdpa": diff,
+    row = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+           "mbytes": nbytes / 1e6, "gflop": decode_flops(batch, context, heads, head_dim) / 1e9,
+           "max_abs_diff_vs_sdpa": diff,
            "ok": bool(diff <= allowed)}  # NaN fails too
     for name, fn in fns.items():
         stats = time_fn(fn, args.device, warmup=args.warmup, iters=args.iters)
@@ -255,6 +269,8 @@ def main(argv=None):
 
     prefill_rows = [bench_prefill(t, args, peak) for t in (GPU_PREFILL if on_gpu else CPU_PREFILL)]
     decode_rows = [bench_decode(b, c, args, hbm) for b, c in (GPU_DECODE if on_gpu else CPU_SHAPES)]
+    gqa_rows = [bench_decode(b, c, args, hbm, GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_DIM)
+                for b, c in (GPU_GQA_DECODE if on_gpu else CPU_GQA_SHAPES)]
     has_fa = prefill_rows and "flash_attn_us" in prefill_rows[0]
 
     print(f"\nprefill (causal, one prompt), {args.dtype}, block_size {args.block_size}; measured matmul peak "
@@ -278,12 +294,20 @@ def main(argv=None):
         cols += [("flash_attn_us", "FA us", "{:.1f}"), ("flash_attn_gbps", "GB/s", "{:.0f}")]
     print_table(decode_rows, cols + [("speedup_vs_sdpa", "speedup", "{:.2f}x"),
                                      ("max_abs_diff_vs_sdpa", "max diff", "{:.1e}")])
+    print(f"\ngrouped-query decode ({GQA_HEADS} query heads over {GQA_KV_HEADS} KV heads x {GQA_HEAD_DIM}), "
+          f"{args.dtype}: GB/s over the unique K/V bytes (each KV byte once)")
+    print_table(gqa_rows, cols + [("speedup_vs_sdpa", "speedup", "{:.2f}x"),
+                                  ("max_abs_diff_vs_sdpa", "max diff", "{:.1e}")])
+    if not on_gpu:
+        print("\nno GPU was lent for this run: every row above is CPU shape coverage; no roofline fraction is a "
+              "GPU measurement")
 
     payload = {"benchmark": "paged_attention", "machine": machine_info(args.device),
                "config": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_HEADS, "head_dim": HEAD_DIM,
                           "dtype": args.dtype, "block_size": args.block_size, "iters": args.iters},
                "hbm_bytes_per_s": hbm, "matmul_flops_per_s": peak, "gpu": on_gpu,
-               "results": decode_rows, "prefill_results": prefill_rows, "arithmetic": arithmetic,
+               "results": decode_rows, "gqa_results": gqa_rows, "prefill_results": prefill_rows,
+               "arithmetic": arithmetic,
                "baselines": {"sdpa": "F.scaled_dot_product_attention on contiguous [B, H, ctx, D] K/V",
                              "flash_attn": "flash_attn_func on contiguous K/V" if has_fa else "not installed"}}
     if args.json:
@@ -293,8 +317,8 @@ def main(argv=None):
         plot(decode_rows, prefill_rows, hbm, peak, png)
     wrong = [f"T={r['tokens']}: max |paged - SDPA| {r['max_abs_diff_vs_sdpa']:.2e}" for r in prefill_rows
              if not r["ok"]]
-    wrong += [f"B={r['batch']} ctx={r['context']}: max |paged - SDPA| {r['max_abs_diff_vs_sdpa']:.2e}"
-              for r in decode_rows if not r["ok"]]
+    wrong += [f"B={r['batch']} ctx={r['context']} {r['heads']}q/{r['kv_heads']}kv: max |paged - SDPA| "
+              f"{r['max_abs_diff_vs_sdpa']:.2e}" for r in decode_rows + gqa_rows if not r["ok"]]
     if wrong:
         raise KernelCheckFailed("paged attention gave wrong results (timings not to be trusted): " + "; ".join(wrong))
     return payload

@@ -1,7 +1,9 @@
 // CUDA paged attention over the cache [num_blocks, n_kv, block_size, D]:
-//   decode  - one query token per sequence; split-K over the context in partitions sized from the work
-//             (SMs, batch, bucketed max context), then a reduce kernel that merges the partitions' softmax
-//             statistics (skipped when one partition suffices). Bandwidth bound.
+//   decode  - one query token per sequence; one block per (KV head's group of query heads, sequence,
+//             partition), so K/V is read once per group; K/V tiles staged through a cp.async ring; split-K
+//             over the context in partitions sized from the work (SMs, batch, bucketed max context), then a
+//             reduce kernel that merges the partitions' softmax statistics (skipped when one partition
+//             suffices). Bandwidth bound.
 //   prefill - varlen causal attention of the new tokens over the whole paged context (cached prefix + new):
 //             bf16/fp16 on tensor cores (prefill_mma.cu), fp32 on the tiled SIMT kernel below.
 // All scores, softmax and accumulation in fp32. No host sync: every grid and buffer is sized from shapes.
@@ -15,6 +17,7 @@
 #include "attention/attention_utils.cuh"
 #include "attention/prefill_mma.h"
 #include "common/launch.cuh"
+#include "common/ptx.cuh"
 #include "ops.h"
 
 namespace xverse {
@@ -22,46 +25,53 @@ namespace attention {
 
 // ============================================ decode ====================================================
 //
-// Grid (Hq, B, P), 128 threads. A block owns one (query head, sequence, partition). The launcher sizes the
-// partitions from the work (decode_plan below): P and partition_tokens come from the SM count, the batch and
-// max_context_len (the caller's bucketed bound on the contexts, or the table capacity), never from device data,
-// so a captured graph stays valid. Partition p covers context tokens [p * partition_tokens,
-// (p + 1) * partition_tokens) and the last one everything to the end of the context, so the result is right
-// whatever the hint (a context longer than the hint is only slower). A partition past the end of its context
-// exits at once without touching memory (the reduce never reads it); with P == 1 the block writes the output
-// itself and no reduce runs.
+// Grid (Hq / G, B, P), 128 threads. A block owns G query heads that share one KV head (G: the largest of 8, 4,
+// 2, 1 that divides Hq / Hkv; MHA runs G = 1), one sequence and one split-K partition. K and V of the KV head
+// are read from memory once per block, so once per group of query heads instead of once per query head.
+// The launcher sizes the partitions from the work (decode_plan below): P and partition_tokens come from the SM
+// count, the number of blocks per partition and max_context_len (the caller's bucketed bound on the contexts,
+// or the table capacity), never from device data, so a captured graph stays valid. Partition p covers context
+// tokens [p * partition_tokens, (p + 1) * partition_tokens) and the last one everything to the end of the
+// context, so the result is right whatever the hint (a context longer than the hint is only slower). A
+// partition past the end of its context exits at once without touching memory (the reduce never reads it);
+// with P == 1 the block writes the output itself and no reduce runs.
 //
-// A partition is walked in chunks of kChunkTokens keys (the shared logits buffer), merged by online softmax.
-// The kv head's rows of one cache block are contiguous, so a chunk's keys are runs of block_size * D elements.
-// Each warp reads them as a flat stream of 16-byte chunks: in a "step" lane l issues kLoads independent 16-byte
-// loads, load i fetching chunk f = i * 32 + l of the step (token f / kChunks, segment f % kChunks of its row).
-// Consecutive lanes read consecutive 16 bytes, so every load instruction of the warp is one coalesced 512-byte
-// run (two when it crosses a block), and kLoads loads per lane are in flight at once. Because 32 * kLoads is a
-// multiple of kChunks, the segment a lane's load i touches is the same in every step: q (for K) and the output
-// accumulators (for V) stay put.
-//   pass 1: partial dot products per chunk -> shared memory -> summed per token -> logits[] in shared memory
-//   softmax over the chunk (block max, exp, block sum), fp32, merged into the running (max, sum)
-//   pass 2: the same chunk stream over V, acc[segment] += p[token] * v; reduced across lanes at the end.
+// Pipeline: the partition is walked in tiles of kTileTokens keys (64 * D bytes of K + V). cp.async copies
+// tiles global -> shared into a ring of kDecodeStages slots, kDecodeStages - 1 tiles ahead of the one being
+// computed, so about 3 * 64 * D bytes per block are in flight whatever the compute does. A tile's keys are
+// runs of block_size * D elements (a kv head's rows of one cache block are contiguous); consecutive threads
+// copy consecutive 16-byte chunks, so the copies coalesce. Keys past the context and bad table entries are
+// zero-filled without reading memory. Per tile (all fp32):
+//   scores : thread (row r, chunk c) dots chunk c of keys r, r + kRows, ... with chunk c of each of the G
+//            queries (held in registers) -> partial_s; thread g * kTileTokens + t sums key t's partials for
+//            head g;
+//   softmax: per head, the tile max / sum by shuffles over the tile's kTileTokens lanes, merged into the
+//            running (max, sum) in shared memory; p = exp(score - max) -> p_s;
+//   values : thread (r, c) rescales its G accumulators (chunk c of each head's output) and adds p * v for
+//            keys r, r + kRows, ...; the rows' accumulators are summed at the end (fixed order: deterministic).
 
 constexpr int kDecodeThreads = 128;
-constexpr int kDecodeWarps = kDecodeThreads / kWarpSize;
-constexpr int kChunkTokens = 512;        // keys per pass over shared memory
-constexpr int kMinPartitionTokens = 128; // a partition shorter than this costs more in launch than it hides
+constexpr int kDecodeStages = 4;          // ring slots: 3 tiles in flight while one is computed
+constexpr int kMinPartitionTokens = 128;  // a partition shorter than this costs more in launch than it hides
+constexpr int kMaxDecodeGroup = 8;        // query heads per block at most (Hq / Hkv = 16 runs 2 blocks of 8)
 
-template <typename scalar_t, int HEAD_DIM>
+template <typename scalar_t, int HEAD_DIM, int GROUP>
 struct DecodeShape {
-  static constexpr int kVec = kChunkElems<scalar_t>;       // elements per 16-byte chunk
-  static constexpr int kChunks = HEAD_DIM / kVec;          // chunks per K/V row
-  static constexpr int kPeriod = kChunks / gcd(kWarpSize, kChunks);  // loads after which the segment map repeats
-  static constexpr int kLoads = kPeriod * ceil_div(8, kPeriod);      // 16-byte loads in flight per lane per step
-  static constexpr int kStepTokens = kWarpSize * kLoads / kChunks;   // tokens one warp step covers
+  static constexpr int kVec = kChunkElems<scalar_t>;                         // elements per 16-byte chunk
+  static constexpr int kChunks = HEAD_DIM / kVec;                            // chunks per K/V row
+  static constexpr int kTileTokens = 32 / static_cast<int>(sizeof(scalar_t));  // 16 (16-bit) or 8 (fp32)
+  static constexpr int kTileChunks = kTileTokens * kChunks;                  // chunks per K (or V) tile
+  static constexpr int kRows = kDecodeThreads / kChunks;                     // keys worked on at once
+  static constexpr int kScoreThreads = GROUP * kTileTokens;                  // one per (head, key) of a tile
+  static constexpr int kSoftmaxThreads = ceil_div(kScoreThreads, kWarpSize) * kWarpSize;  // whole warps
   static_assert(HEAD_DIM % kVec == 0, "head_dim rows must be whole 16-byte chunks");
-  static_assert((kWarpSize * kPeriod) % kChunks == 0, "segment map must repeat every kPeriod loads");
-  static_assert((kWarpSize * kLoads) % kChunks == 0, "a step must hold whole tokens");
-  static_assert(kStepTokens >= 1 && kStepTokens <= kWarpSize, "one lane sums one token of a step");
+  static_assert(kRows >= 1, "a K/V row must fit in one block's threads");
+  static_assert(kWarpSize % kTileTokens == 0, "a head's tile scores must sit in one warp (segmented shuffles)");
+  static_assert(kSoftmaxThreads <= kDecodeThreads, "one thread per (head, key) of a tile");
+  static_assert(kRows * HEAD_DIM * 4 <= kDecodeStages * 2 * kTileChunks * 16, "the final sum reuses the ring");
 };
 
-template <typename scalar_t, int HEAD_DIM>
+template <typename scalar_t, int HEAD_DIM, int GROUP>
 __global__ void __launch_bounds__(kDecodeThreads)
 paged_decode_kernel(scalar_t* __restrict__ out,              // [B, Hq, D]   (num_partitions == 1)
                     float* __restrict__ partial_out,         // [B, Hq, P, D] (num_partitions > 1)
@@ -74,22 +84,22 @@ paged_decode_kernel(scalar_t* __restrict__ out,              // [B, Hq, D]   (nu
                     const int* __restrict__ context_lens,    // [B]
                     int num_kv_heads, int block_size, int max_blocks, int num_cache_blocks, int num_partitions,
                     int partition_tokens, int64_t q_stride_b, int64_t q_stride_h, float scale) {
-  using Shape = DecodeShape<scalar_t, HEAD_DIM>;
-  constexpr int kVec = Shape::kVec, kChunks = Shape::kChunks, kPeriod = Shape::kPeriod;
-  constexpr int kLoads = Shape::kLoads, kStepTokens = Shape::kStepTokens;
+  using Shape = DecodeShape<scalar_t, HEAD_DIM, GROUP>;
+  constexpr int kVec = Shape::kVec, kChunks = Shape::kChunks, kTileTokens = Shape::kTileTokens;
+  constexpr int kTileChunks = Shape::kTileChunks, kRows = Shape::kRows;
 
-  __shared__ float q_s[HEAD_DIM];                                  // query * scale
-  __shared__ float logits_s[kChunkTokens];                         // scores, then exp(score - max)
-  __shared__ int blocks_s[kChunkTokens + 1];                       // the chunk's physical block ids (-1: bad)
-  __shared__ float partial_s[kDecodeWarps][kWarpSize * kLoads];    // per-chunk partial dot products
-  __shared__ float acc_s[kDecodeWarps][kWarpSize * kPeriod][kVec]; // per-lane V accumulators
-  __shared__ float reduce_s[kDecodeWarps];
+  __shared__ uint4 kv_s[kDecodeStages][2][kTileChunks];        // the ring: [slot][K, V][key * kChunks + chunk]
+  __shared__ float partial_s[GROUP][kTileTokens][kChunks + 1];  // per-chunk dot products (+1: no bank conflicts)
+  __shared__ float p_s[GROUP][kTileTokens];                     // exp(score - running max) of the tile's keys
+  __shared__ float correction_s[GROUP];                         // exp(old max - new max) of the current tile
+  __shared__ float max_s[GROUP], sum_s[GROUP];                  // running softmax statistics per head
 
-  const int head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
-  const int num_heads = gridDim.x;
-  const int kv_head = head / (num_heads / num_kv_heads);
-  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int64_t row = static_cast<int64_t>(seq) * num_heads + head;  // (seq, head)
+  const int seq = blockIdx.y, part = blockIdx.z;
+  const int num_heads = gridDim.x * GROUP;
+  const int head0 = blockIdx.x * GROUP;  // this block's heads: head0 .. head0 + GROUP - 1
+  const int kv_head = head0 / (num_heads / num_kv_heads);
+  const int tid = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(seq) * num_heads + head0;  // (seq, head0): the G rows are consecutive
   // Clamped to the block table's capacity so a bad length can never index past the table.
   const int context_len = min(max(context_lens[seq], 0), max_blocks * block_size);
   const int start = part * partition_tokens;
@@ -97,140 +107,164 @@ paged_decode_kernel(scalar_t* __restrict__ out,              // [B, Hq, D]   (nu
 
   if (start >= end) {  // no keys: past the context (P > 1: the reduce never reads it), or an empty context
     if (num_partitions == 1) {
-      for (int d = tid; d < HEAD_DIM; d += kDecodeThreads) out[row * HEAD_DIM + d] = from_float<scalar_t>(0.f);
+      for (int i = tid; i < GROUP * HEAD_DIM; i += kDecodeThreads) out[row0 * HEAD_DIM + i] = from_float<scalar_t>(0.f);
     }
     return;
   }
 
   const int* table = block_tables + static_cast<int64_t>(seq) * max_blocks;
-  const scalar_t* q = query + seq * q_stride_b + head * q_stride_h;
-  for (int d = tid; d < HEAD_DIM; d += kDecodeThreads) q_s[d] = to_float(q[d]) * scale;
-  constexpr int kBlockStep = kDecodeWarps * kStepTokens;  // tokens the whole block covers per step
+  // Queues the copies of tile `tile` (keys from start + tile * kTileTokens) into ring slot `slot`. Keys past
+  // `end` and bad blocks read nothing (src_bytes 0) and land as zeros (int64 offsets: caches exceed 2^31 elements).
+  auto copy_tile = [&](int tile, int slot) {
+    const int first = start + tile * kTileTokens;
+    for (int i = tid; i < kTileChunks; i += kDecodeThreads) {
+      const int t = first + i / kChunks, seg = i % kChunks;
+      const int block = t < end ? table[t / block_size] : -1;
+      const bool good = block >= 0 && block < num_cache_blocks;
+      const int64_t offset =
+          good ? ((static_cast<int64_t>(block) * num_kv_heads + kv_head) * block_size + t % block_size) * HEAD_DIM +
+                     seg * kVec
+               : 0;
+      ptx::cp_async_16(&kv_s[slot][0][i], key_cache + offset, good ? 16 : 0);
+      ptx::cp_async_16(&kv_s[slot][1][i], value_cache + offset, good ? 16 : 0);
+    }
+  };
 
-  // acc[j] is this lane's sum for segment (j * 32 + lane) % kChunks (load i feeds acc[i % kPeriod]).
-  float acc[kPeriod][kVec];
+  // Thread (row, chunk): chunk `chunk` of keys row, row + kRows, ... of every tile.
+  const int chunk = tid % kChunks, row = tid / kChunks;
+  const bool computes = row < kRows;  // the last 128 % kChunks threads only copy and reduce
+  float q[GROUP][kVec];               // chunk `chunk` of each head's query, times scale
+  float acc[GROUP][kVec];             // chunk `chunk` of each head's output, over this thread's keys
 #pragma unroll
-  for (int j = 0; j < kPeriod; ++j) {
+  for (int g = 0; g < GROUP; ++g) {
+    const scalar_t* q_row = query + seq * q_stride_b + (head0 + g) * q_stride_h + chunk * kVec;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[j][e] = 0.f;
+    for (int e = 0; e < kVec; ++e) {
+      q[g][e] = to_float(q_row[e]) * scale;
+      acc[g][e] = 0.f;
+    }
   }
-  float run_max = -INFINITY, run_sum = 0.f;  // online softmax over the chunks (same value in every thread)
+  if (tid < GROUP) {
+    max_s[tid] = -INFINITY;
+    sum_s[tid] = 0.f;
+  }
 
-  for (int chunk = start; chunk < end; chunk += kChunkTokens) {
-    const int chunk_end = min(chunk + kChunkTokens, end);
-    const int first_block = chunk / block_size;
-    const int num_blocks = (chunk_end - 1) / block_size - first_block + 1;
-    __syncthreads();  // the previous chunk is done with blocks_s / logits_s
-    for (int i = tid; i < num_blocks; i += kDecodeThreads) {
-      const int block = table[first_block + i];
-      blocks_s[i] = block >= 0 && block < num_cache_blocks ? block : -1;
+  const int num_tiles = ceil_div(end - start, kTileTokens);
+  for (int s = 0; s < kDecodeStages - 1; ++s) {
+    if (s < num_tiles) copy_tile(s, s);
+    ptx::cp_async_commit();  // one group per tile, empty past the last: the wait count below stays fixed
+  }
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    ptx::cp_async_wait<kDecodeStages - 2>();  // this thread's copies of `tile` have landed ...
+    __syncthreads();  // ... everyone's too; and everyone is done with tile - 1, whose slot is refilled now
+    const int ahead = tile + kDecodeStages - 1;
+    if (ahead < num_tiles) copy_tile(ahead, ahead % kDecodeStages);
+    ptx::cp_async_commit();
+    const uint4* k_tile = kv_s[tile % kDecodeStages][0];
+    const uint4* v_tile = kv_s[tile % kDecodeStages][1];
+    const int tile_len = min(kTileTokens, end - (start + tile * kTileTokens));
+
+    // ---- scores: partial dot products per chunk, then summed per (head, key) ----------------------------
+    if (computes) {
+      for (int t = row; t < tile_len; t += kRows) {
+        float k[kVec];
+        unpack_chunk<scalar_t>(k_tile[t * kChunks + chunk], k);
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+          float dot = 0.f;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) dot = fmaf(q[g][e], k[e], dot);
+          partial_s[g][t][chunk] = dot;
+        }
+      }
     }
     __syncthreads();
 
-    // 16 bytes of token t's row at segment seg, zeros for a bad block (int64: caches exceed 2^31 elements).
-    auto load = [&](const scalar_t* cache, int t, int seg) -> uint4 {
-      const int64_t block = blocks_s[t / block_size - first_block];
-      if (block < 0) return make_uint4(0, 0, 0, 0);
-      return load_chunk(cache + ((block * num_kv_heads + kv_head) * block_size + t % block_size) * HEAD_DIM +
-                        seg * kVec);
-    };
-
-    // ---- pass 1: logits = (q * scale) . k -----------------------------------------------------------
-    float lane_max = -INFINITY;
-    for (int step = chunk + warp * kStepTokens; step < chunk_end; step += kBlockStep) {
-      uint4 raw[kLoads];
+    // ---- softmax over the tile, merged into the running max / sum (thread g * kTileTokens + t) ----------
+    if (tid < Shape::kSoftmaxThreads) {  // whole warps: the shuffles below are full-warp
+      const int g = tid / kTileTokens, t = tid % kTileTokens;
+      const bool mine = g < GROUP && t < tile_len;  // a real (head, key) of this tile
+      float score = -INFINITY;
+      if (mine) {
+        score = 0.f;
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) {  // issue every load first: kLoads chunks in flight per lane
-        const int f = i * kWarpSize + lane;
-        const int t = step + f / kChunks;
-        raw[i] = t < chunk_end ? load(key_cache, t, f % kChunks) : make_uint4(0, 0, 0, 0);
+        for (int c = 0; c < kChunks; ++c) score += partial_s[g][t][c];
       }
+      const float old_max = g < GROUP ? max_s[g] : -INFINITY;
+      float tile_max = score;  // over the head's kTileTokens lanes (key 0 is always real: finite)
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int f = i * kWarpSize + lane;
-        const float* qs = q_s + (f % kChunks) * kVec;
-        float k[kVec];
-        unpack_chunk<scalar_t>(raw[i], k);
-        float dot = 0.f;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) dot = fmaf(qs[e], k[e], dot);
-        partial_s[warp][f] = dot;
+      for (int offset = kTileTokens / 2; offset > 0; offset /= 2) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
       }
-      __syncwarp();
-      if (lane < kStepTokens && step + lane < chunk_end) {  // lane sums the kChunks partials of token step + lane
-        float score = 0.f;
+      const float new_max = fmaxf(old_max, tile_max);
+      const float p = mine ? expf(score - new_max) : 0.f;
+      float tile_sum = p;
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c) score += partial_s[warp][lane * kChunks + c];
-        logits_s[step + lane - chunk] = score;
-        lane_max = fmaxf(lane_max, score);
+      for (int offset = kTileTokens / 2; offset > 0; offset /= 2) {
+        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, offset);
       }
-      __syncwarp();  // partial_s is rewritten by the next step
+      __syncwarp();  // every lane has read max_s before lane t == 0 rewrites it
+      if (g < GROUP) {
+        p_s[g][t] = p;
+        if (t == 0) {
+          const float correction = expf(old_max - new_max);  // 0 on the first tile
+          correction_s[g] = correction;
+          sum_s[g] = sum_s[g] * correction + tile_sum;
+          max_s[g] = new_max;
+        }
+      }
     }
+    __syncthreads();
 
-    // ---- softmax over the chunk (fp32), merged into the running max / sum -----------------------------
-    const float chunk_max = block_reduce<kDecodeWarps, true>(lane_max, reduce_s);  // also publishes logits_s
-    const float new_max = fmaxf(run_max, chunk_max);
-    const float correction = expf(run_max - new_max);  // 0 on the first chunk
-    float lane_sum = 0.f;
-    for (int i = tid; i < chunk_end - chunk; i += kDecodeThreads) {
-      const float p = expf(logits_s[i] - new_max);
-      logits_s[i] = p;
-      lane_sum += p;
-    }
-    const float chunk_sum = block_reduce<kDecodeWarps, false>(lane_sum, reduce_s);  // also publishes the p's
-    run_sum = run_sum * correction + chunk_sum;
-    run_max = new_max;
-
-    // ---- pass 2: acc = acc * correction + sum_t p_t * v_t ----------------------------------------------
+    // ---- values: acc = acc * correction + sum_t p_t * v_t ----------------------------------------------
+    if (computes) {
 #pragma unroll
-    for (int j = 0; j < kPeriod; ++j) {
+      for (int g = 0; g < GROUP; ++g) {
+        const float correction = correction_s[g];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[j][e] *= correction;
-    }
-    for (int step = chunk + warp * kStepTokens; step < chunk_end; step += kBlockStep) {
-      uint4 raw[kLoads];
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int f = i * kWarpSize + lane;
-        const int t = step + f / kChunks;
-        raw[i] = t < chunk_end ? load(value_cache, t, f % kChunks) : make_uint4(0, 0, 0, 0);
+        for (int e = 0; e < kVec; ++e) acc[g][e] *= correction;
       }
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int t = step + (i * kWarpSize + lane) / kChunks;
-        const float p = t < chunk_end ? logits_s[t - chunk] : 0.f;  // masked chunks were zero-filled, not loaded
+      for (int t = row; t < tile_len; t += kRows) {
         float v[kVec];
-        unpack_chunk<scalar_t>(raw[i], v);
+        unpack_chunk<scalar_t>(v_tile[t * kChunks + chunk], v);
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[i % kPeriod][e] = fmaf(p, v[e], acc[i % kPeriod][e]);
+        for (int g = 0; g < GROUP; ++g) {
+          const float p = p_s[g][t];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(p, v[e], acc[g][e]);
+        }
       }
     }
   }
-
-  // ---- combine the lanes' accumulators per output element (fixed order: deterministic) -------------------
-#pragma unroll
-  for (int j = 0; j < kPeriod; ++j) {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc_s[warp][j * kWarpSize + lane][e] = acc[j][e];
-  }
+  ptx::cp_async_wait<0>();  // only empty groups are left; the ring is reused below
   __syncthreads();
-  const float inv_sum = 1.f / run_sum;  // run_sum >= 1: the max logit contributes exp(0)
-  for (int d = tid; d < HEAD_DIM; d += kDecodeThreads) {
-    const int seg = d / kVec, e = d % kVec;
-    float o = 0.f;
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      for (int f = seg; f < kWarpSize * kPeriod; f += kChunks) o += acc_s[w][f][e];
+
+  // ---- sum the rows' accumulators per head (fixed order: deterministic) and write ------------------------
+  float* rows_s = reinterpret_cast<float*>(&kv_s[0][0][0]);  // [kRows][HEAD_DIM]
+#pragma unroll  // acc[g] must be a register: a loop index that stays a variable would put acc in local memory
+  for (int g = 0; g < GROUP; ++g) {
+    if (computes) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) rows_s[row * HEAD_DIM + chunk * kVec + e] = acc[g][e];
     }
-    o *= inv_sum;
-    if (num_partitions == 1) {
-      out[row * HEAD_DIM + d] = from_float<scalar_t>(o);
-    } else {
-      partial_out[(row * num_partitions + part) * HEAD_DIM + d] = o;
+    __syncthreads();
+    const int64_t out_row = row0 + g;
+    const float inv_sum = 1.f / sum_s[g];  // sum >= 1: the max logit contributes exp(0)
+    for (int d = tid; d < HEAD_DIM; d += kDecodeThreads) {
+      float o = 0.f;
+      for (int r = 0; r < kRows; ++r) o += rows_s[r * HEAD_DIM + d];
+      o *= inv_sum;
+      if (num_partitions == 1) {
+        out[out_row * HEAD_DIM + d] = from_float<scalar_t>(o);
+      } else {
+        partial_out[(out_row * num_partitions + part) * HEAD_DIM + d] = o;
+      }
     }
-  }
-  if (num_partitions > 1 && tid == 0) {
-    partial_max[row * num_partitions + part] = run_max;
-    partial_sum[row * num_partitions + part] = run_sum;
+    if (num_partitions > 1 && tid == 0) {
+      partial_max[out_row * num_partitions + part] = max_s[g];
+      partial_sum[out_row * num_partitions + part] = sum_s[g];
+    }
+    __syncthreads();  // rows_s is rewritten for the next head
   }
 }
 
@@ -265,18 +299,18 @@ paged_decode_reduce_kernel(scalar_t* __restrict__ out,                // [B, Hq,
   }
 }
 
-// How many partitions per (sequence, head), and how long: enough blocks for about kWavesPerSm blocks per SM,
-// none shorter than kMinPartitionTokens. max_context: a bound on the contexts (the caller's bucketed hint or
-// the table capacity). Pure host arithmetic in int64.
+// How many partitions per (sequence, head group), and how long: enough blocks for about kBlocksPerSm blocks
+// per SM, none shorter than kMinPartitionTokens. num_blocks: blocks per partition (B * Hq / G). max_context: a
+// bound on the contexts (the caller's bucketed hint or the table capacity). Pure host arithmetic in int64.
 struct DecodePlan {
   int num_partitions;
   int partition_tokens;
 };
 
-inline DecodePlan decode_plan(int64_t num_seqs, int64_t num_heads, int64_t max_context, int64_t num_sms) {
+inline DecodePlan decode_plan(int64_t num_blocks, int64_t max_context, int64_t num_sms) {
   constexpr int64_t kBlocksPerSm = 4;
   max_context = std::max<int64_t>(max_context, 1);
-  const int64_t wanted = ceil_div<int64_t>(kBlocksPerSm * num_sms, std::max<int64_t>(num_seqs * num_heads, 1));
+  const int64_t wanted = ceil_div<int64_t>(kBlocksPerSm * num_sms, std::max<int64_t>(num_blocks, 1));
   const int64_t by_length = ceil_div<int64_t>(max_context, kMinPartitionTokens);
   const int64_t partitions = std::clamp<int64_t>(std::min(wanted, by_length), 1, 65535);
   const int64_t tokens = ceil_div<int64_t>(max_context, partitions);
@@ -429,6 +463,29 @@ paged_prefill_kernel(scalar_t* __restrict__ out,                // [T, Hq, D]
   }
 }
 
+// Query heads per decode block: the largest of 8, 4, 2, 1 that divides Hq / Hkv (the heads sharing a KV head).
+int decode_group(int64_t num_heads, int64_t num_kv_heads) {
+  const int64_t shared = num_heads / num_kv_heads;
+  for (int group = kMaxDecodeGroup; group > 1; group /= 2) {
+    if (shared % group == 0) return group;
+  }
+  return 1;
+}
+
+template <int G> struct GroupTag { static constexpr int value = G; };
+
+// Calls fn(GroupTag<G>{}) for the compiled decode groups 1 / 2 / 4 / 8.
+template <typename Fn>
+void dispatch_group(int group, Fn&& fn) {
+  switch (group) {
+    case 1: fn(GroupTag<1>{}); break;
+    case 2: fn(GroupTag<2>{}); break;
+    case 4: fn(GroupTag<4>{}); break;
+    case 8: fn(GroupTag<8>{}); break;
+    default: TORCH_CHECK(false, "paged_attention_decode: no kernel for ", group, " query heads per block");
+  }
+}
+
 void check_cuda_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache) {
   TORCH_CHECK(query.is_cuda(), "paged attention (CUDA): tensors must be on a CUDA device");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(key_cache.data_ptr()) % 16 == 0 &&
@@ -483,7 +540,8 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& query, const at::Tensor
   const int64_t capacity = table_capacity(block_tables, key_cache, "paged_attention_decode");
   // From shapes and the caller's bound only, never from context_lens: no host sync, graph capturable.
   const int64_t bound = max_context_len > 0 ? std::min(max_context_len, capacity) : capacity;
-  const DecodePlan plan = decode_plan(num_seqs, num_heads, bound, num_sms(query));
+  const int group = decode_group(num_heads, key_cache.size(1));  // query heads per block: one KV head's read
+  const DecodePlan plan = decode_plan(num_seqs * (num_heads / group), bound, num_sms(query));
   at::Tensor partial_out, partial_max, partial_sum;  // undefined (null pointers) with one partition
   if (plan.num_partitions > 1) {
     const auto f32 = query.options().dtype(at::kFloat);
@@ -493,22 +551,24 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& query, const at::Tensor
   }
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(num_heads), static_cast<unsigned>(num_seqs),
+  const dim3 grid(static_cast<unsigned>(num_heads / group), static_cast<unsigned>(num_seqs),
                   static_cast<unsigned>(plan.num_partitions));
   dispatch_dtype(query.scalar_type(), "paged_attention_decode", [&](auto type_tag) {
     using scalar_t = typename decltype(type_tag)::type;
     dispatch_head_dim(head_dim, "paged_attention_decode", [&](auto dim_tag) {
       constexpr int kHeadDim = decltype(dim_tag)::value;
       auto* out_ptr = static_cast<scalar_t*>(out.data_ptr());
-      launch_kernel(paged_decode_kernel<scalar_t, kHeadDim>, grid, dim3(kDecodeThreads), 0, stream, out_ptr,
-                    ptr(partial_out), ptr(partial_max), ptr(partial_sum),
-                    static_cast<const scalar_t*>(query.data_ptr()),
-                    static_cast<const scalar_t*>(key_cache.data_ptr()),
-                    static_cast<const scalar_t*>(value_cache.data_ptr()), block_tables.data_ptr<int>(),
-                    context_lens.data_ptr<int>(), static_cast<int>(key_cache.size(1)),
-                    static_cast<int>(key_cache.size(2)), static_cast<int>(block_tables.size(1)),
-                    static_cast<int>(key_cache.size(0)), plan.num_partitions, plan.partition_tokens,
-                    query.stride(0), query.stride(1), static_cast<float>(scale));
+      dispatch_group(group, [&](auto group_tag) {
+        launch_kernel(paged_decode_kernel<scalar_t, kHeadDim, decltype(group_tag)::value>, grid,
+                      dim3(kDecodeThreads), 0, stream, out_ptr, ptr(partial_out), ptr(partial_max),
+                      ptr(partial_sum), static_cast<const scalar_t*>(query.data_ptr()),
+                      static_cast<const scalar_t*>(key_cache.data_ptr()),
+                      static_cast<const scalar_t*>(value_cache.data_ptr()), block_tables.data_ptr<int>(),
+                      context_lens.data_ptr<int>(), static_cast<int>(key_cache.size(1)),
+                      static_cast<int>(key_cache.size(2)), static_cast<int>(block_tables.size(1)),
+                      static_cast<int>(key_cache.size(0)), plan.num_partitions, plan.partition_tokens,
+                      query.stride(0), query.stride(1), static_cast<float>(scale));
+      });
       if (plan.num_partitions > 1) {  // one partition: the decode kernel wrote `out` itself
         launch_kernel(paged_decode_reduce_kernel<scalar_t, kHeadDim>,
                       dim3(static_cast<unsigned>(num_heads), static_cast<unsigned>(num_seqs)), dim3(kDecodeThreads),

@@ -528,12 +528,19 @@ void async_commit() {
   me.uncommitted.clear();
 }
 
+namespace {
+std::atomic<uint64_t> g_async_copy_source_bytes{0};
+}  // namespace
+
+uint64_t async_copy_source_bytes() { return g_async_copy_source_bytes.load(); }
+
 void async_wait(int pending_groups_allowed) {
   ThreadState& me = *t_thread;
   while (static_cast<int>(me.committed.size()) > pending_groups_allowed) {
     for (const AsyncCopy& c : me.committed.front()) {
       auto* dst = static_cast<unsigned char*>(c.dst);
       if (c.src_bytes > 0) std::memcpy(dst, c.src, c.src_bytes);
+      g_async_copy_source_bytes.fetch_add(static_cast<uint64_t>(c.src_bytes), std::memory_order_relaxed);
       std::memset(dst + c.src_bytes, 0, c.total_bytes - c.src_bytes);  // zero-fill past src-size
     }
     me.committed.pop_front();

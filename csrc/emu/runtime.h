@@ -56,6 +56,9 @@ void* dynamic_shared_memory();                          // the per-launch extern
 void async_copy(void* dst, const void* src, int src_bytes, int total_bytes, const Site& site);
 void async_commit();
 void async_wait(int pending_groups_allowed);  // performs every committed group except the newest N
+// Source bytes (src_bytes) of every cp.async performed since the process started: what a kernel reads
+// through cp.async, for tests that count a kernel's global traffic.
+uint64_t async_copy_source_bytes();
 
 }  // namespace xverse::emu
 

@@ -191,6 +191,8 @@ void register_selftests(pybind11::module_& m) {
                 "': use alternate, forward, reverse or concurrent");
   }, "how the threads of a block interleave (csrc/emu/runtime.cpp)");
   m.def("schedule", &emu::schedule);
+  m.def("async_copy_source_bytes", &emu::async_copy_source_bytes,
+        "source bytes of every cp.async performed since the process started (a kernel's cp.async reads)");
   m.def("mma_m16n8k16", &mma_m16n8k16, "D = A B through mma.sync fragments (wrong=True: a buggy loader)");
   m.def("ldmatrix_x4", &ldmatrix_x4, "every lane's registers after ldmatrix.x4 of a [16, 16] tile");
   m.def("neighbour_exchange", &neighbour_exchange, "y[t] = x[t + 1] through shared memory");
