@@ -45,8 +45,8 @@ source_of() {
 tests_of() {
     case "$1" in
         sampler) echo tests/test_spec_sampler.py tests/test_tokenizer_and_sampler.py tests/test_generation.py ;;
-        detokenizer) echo tests/test_spec_stop.py tests/test_generation.py ;;
-        block_manager) echo tests/test_spec_prefix_cache.py tests/test_scheduler.py ;;
+        detokenizer) echo tests/test_spec_detokenizer.py tests/test_spec_stop.py ;;
+        block_manager) echo tests/test_spec_block_manager.py tests/test_spec_prefix_cache.py ;;
         scheduler) echo tests/test_scheduler.py tests/test_spec_prefix_cache.py tests/test_generation.py ;;
         config) echo tests/test_spec_config.py tests/test_config_loader.py ;;
         loader) echo tests/test_config_loader.py tests/test_model_vs_reference.py ;;
@@ -79,7 +79,7 @@ with open(path, "w") as f:
     cfg.write(f)
 PY
     echo "== $module: mutating $source, tests: $tests ($left s left)"
-    ( cd "$scratch" && OMP_NUM_THREADS=1 timeout "$left" mutmut run --max-children "$jobs" >mutmut.log 2>&1 ) || \
+    ( cd "$scratch" && OMP_NUM_THREADS=1 timeout "$left" nice -n 10 mutmut run --max-children "$jobs" >mutmut.log 2>&1 ) || \
         echo "   (mutmut stopped: exit $?; see $scratch/mutmut.log)"
     ( cd "$scratch" && mutmut results --all true >results.txt 2>&1 || true )
     python - "$scratch/results.txt" "$module" <<'PY' | tee "$scratch/summary.txt"
