@@ -69,9 +69,51 @@ def test_a_stop_spanning_several_pieces_cuts_them_all():
     assert stopped_at == 3 and out.text == "xa"
 
 
-def test_a_stop_inside_one_piece_cuts_at_its_start():
-    deltas, last, out, stopped_at = run(["one ", "two STOP three"], stop=["STOP"])
+def test_a_stop_inside_one_piece_cuts_at_its_first_occurrence():
+    deltas, last, out, stopped_at = run(["one ", "two STOP three STOP"], stop=["STOP"])
     assert stopped_at == 1 and out.text == "one two " and deltas + [last] == ["one ", "two "]
+
+
+def test_one_character_stop_strings():
+    """Nothing is ever held back (no proper prefix), and the first occurrence cuts."""
+    deltas, last, out, stopped_at = run(["ab", "c", "dXe", "X"], stop=["X", "."])
+    assert deltas == ["ab", "c"] and stopped_at == 2 and out.text == "abcd" and last == "d"
+
+
+def test_the_prompt_text_never_completes_a_stop_string():
+    """Stop strings are matched in the generated text only, even when the prompt ends with their beginning."""
+    pieces = ["say X", "YZ", "!"]
+    out = OutputText(BytesTokenizer(pieces), ["XYZ"], prompt_token_ids=[0])
+    assert out.add(1) is False and out.add(2) is False
+    assert out.text == "YZ!"
+
+
+def test_decoding_reads_a_short_window_even_after_a_long_prompt():
+    """Each token costs O(1) decoding: the window reaches only a few tokens back into the prompt."""
+    pieces = ["w%d " % i for i in range(200)]
+    tokenizer = BytesTokenizer(pieces)
+    windows = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **kw: (windows.append(len(ids)), decode(ids, **kw))[1]
+    out = OutputText(tokenizer, ["never"], prompt_token_ids=list(range(150)))
+    for token in range(150, 200):
+        out.add(token)
+    assert out.text == "".join(pieces[150:])
+    assert max(windows) <= OutputText.CONTEXT_TOKENS + 2
+
+
+def test_only_requests_with_stop_strings_need_each_token_decoded_on_arrival():
+    """Without stop strings (or without a tokenizer, when there is no text) decoding can wait for a reader."""
+    tokenizer = BytesTokenizer(["a"])
+    assert OutputText(tokenizer, ["x"]).checks_stops
+    assert not OutputText(tokenizer, []).checks_stops
+    assert not OutputText(None, ["x"]).checks_stops
+
+
+def test_without_a_tokenizer_there_is_no_text_and_no_stop():
+    out = OutputText(None, ["x"], prompt_token_ids=[1, 2])
+    assert out.add(3) is False and out.add(4) is False
+    assert out.text == "" and out.take_delta(final=True) == ""
 
 
 def test_a_stopped_text_holds_nothing_back():
