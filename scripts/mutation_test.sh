@@ -44,10 +44,10 @@ source_of() {
 }
 tests_of() {
     case "$1" in
-        sampler) echo tests/test_spec_sampler.py tests/test_tokenizer_and_sampler.py tests/test_generation.py ;;
+        sampler) echo tests/test_spec_sampling_rules.py tests/test_spec_sampler.py ;;
         detokenizer) echo tests/test_spec_detokenizer.py tests/test_spec_stop.py ;;
         block_manager) echo tests/test_spec_block_manager.py tests/test_spec_prefix_cache.py ;;
-        scheduler) echo tests/test_scheduler.py tests/test_spec_prefix_cache.py tests/test_generation.py ;;
+        scheduler) echo tests/test_spec_scheduler.py tests/test_spec_prefix_cache.py ;;
         config) echo tests/test_spec_config.py tests/test_config_loader.py ;;
         loader) echo tests/test_config_loader.py tests/test_model_vs_reference.py ;;
         rotary) echo tests/test_spec_rope.py tests/test_model_vs_reference.py ;;
