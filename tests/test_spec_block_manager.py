@@ -179,20 +179,26 @@ def test_the_least_recently_freed_block_is_handed_out_first():
 
 
 def test_a_new_token_gets_a_block_only_when_the_last_one_is_full():
-    bm = BlockManager(num_blocks=2, block_size=BLOCK)
+    bm = BlockManager(num_blocks=3, block_size=BLOCK)
     s = seq(PROMPT[:4])
     bm.allocate(s)
-    assert bm.can_append(s)
     s.append_token(1)                      # 5 tokens: needs a second block
-    bm.append_slot(s)
-    assert len(s.block_table) == 2 and bm.num_free_blocks == 0
-    s.append_token(2)                      # fits in the second block
     assert bm.can_append(s)
     bm.append_slot(s)
-    assert len(s.block_table) == 2
-    for t in (3, 4, 5):
-        s.append_token(t)                  # 9 tokens: a third block, none free
-    assert not bm.can_append(s)
+    assert len(s.block_table) == 2 and bm.num_free_blocks == 1
+    for t in (2, 3, 4):                    # 6, 7, 8 tokens: the second block fills up, exactly
+        s.append_token(t)
+        bm.append_slot(s)
+        assert len(s.block_table) == 2
+    s.append_token(5)
+    assert bm.can_append(s)                # the 9th needs the one free block
+    bm.append_slot(s)
+    assert len(s.block_table) == 3 and bm.num_free_blocks == 0
+    for t in (6, 7, 8):
+        s.append_token(t)
+    assert bm.can_append(s)                # 12 tokens in 3 full blocks: no new block needed
+    s.append_token(9)
+    assert not bm.can_append(s)            # the 13th needs a block, none is free
 
 
 def test_a_block_overwritten_by_another_sequence_leaves_the_cache():
