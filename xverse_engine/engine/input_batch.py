@@ -10,6 +10,7 @@ and copied to the device in three transfers.
 Inputs whose token is still pending (sampled by the previous step, not yet on the host) are gathered on
 the device from that step's output, so the next step never waits for the host to see them.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,12 +54,14 @@ class InputBatch:
         self.seen = torch.zeros((rows, vocab_size), dtype=torch.bool, device=self.device)  # [R, V] penalty mask
         self.last_sampled = None       # [S] int64 on the device: the previous step's sampled ids
         self._new_penalty_rows = []    # (row, tokens) whose mask is rebuilt before the next step
+        self._fixed = None             # FixedInputs of the last decode batch; dropped when a row changes hands
 
     # ---- rows -------------------------------------------------------------------------------------------
     def add(self, seq):
         """Gives seq a row and writes its state there (on admission, or again after a preemption)."""
         row = self.free_rows.pop()
         seq.row = row
+        self._fixed = None
         p = seq.params
         self.temperature[row], self.top_p[row], self.penalty[row] = p.temperature, p.top_p, p.repetition_penalty
         self.top_k[row], self.seed[row] = p.top_k, seq.seed
@@ -73,6 +76,7 @@ class InputBatch:
         if seq.row >= 0:
             self.free_rows.append(seq.row)
             seq.row = -1
+            self._fixed = None
 
     def _rebuild_penalty_rows(self):
         rows = [row for row, _ in self._new_penalty_rows]
@@ -95,6 +99,25 @@ class InputBatch:
         if not self.pinned:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
+
+    def upload_packed(self, longs: list, ints: list) -> tuple:
+        """One host-to-device copy for a step's int64 and int32 arrays (lists, arrays, or None for absent):
+        returns their device tensors (None where absent), in order."""
+        longs = [None if part is None else np.asarray(part, dtype=np.int64) for part in longs]
+        packed_ints = np.concatenate(ints)
+        if len(packed_ints) % 2:   # whole int64 words
+            packed_ints = np.append(packed_ints, np.int32(0))
+        device = self.upload(np.concatenate([p for p in longs if p is not None] + [packed_ints.view(np.int64)]))
+        long_tensors, at = [], 0
+        for part in longs:
+            long_tensors.append(None if part is None else device[at:at + len(part)])
+            at += 0 if part is None else len(part)
+        device_ints = device[at:].view(torch.int32)
+        int_tensors, at = [], 0
+        for part in ints:
+            int_tensors.append(device_ints[at:at + len(part)])
+            at += len(part)
+        return long_tensors, int_tensors
 
     def prepare(self, scheduled) -> StepInputs:
         rows, starts, counts, host_ids, sample_flags = [], [], [], [], []
@@ -136,68 +159,119 @@ class InputBatch:
 
         bs = self.block_size
         batch = len(rows)
-        rows = np.array(rows, dtype=np.int64)
-        starts = np.array(starts, dtype=np.int64)
         is_decode = total == batch
+        fixed = self._fixed
+        if not (is_decode and fixed is not None and len(sampling_seqs) == batch and fixed.rows_list == rows):
+            # the batch changed (or a prefill chunk runs): work out and upload what stays fixed
+            fixed = self._fix(rows, None if is_decode else counts, sample_flags, sampling_seqs)
+            self._fixed = fixed if is_decode and fixed.num_sampling == batch else None
+        starts = np.array(starts, dtype=np.int64)
         if is_decode:   # one token per sequence
-            counts = None
-            positions, token_rows = starts, rows
-            query_start = np.arange(batch + 1, dtype=np.int64)
+            positions, token_rows = starts, fixed.rows
             context_lens = starts + 1
         else:
             counts = np.array(counts, dtype=np.int64)
-            query_start = np.zeros(batch + 1, dtype=np.int64)
-            np.cumsum(counts, out=query_start[1:])
-            token_rows = np.repeat(rows, counts)
-            positions = np.arange(total) + np.repeat(starts - query_start[:-1], counts)
+            token_rows = np.repeat(fixed.rows, counts)
+            positions = np.arange(total) + np.repeat(starts - fixed.query_start[:-1], counts)
             context_lens = starts + counts
         slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         width = (int(context_lens.max()) + bs - 1) // bs
-        tables = self.block_table[rows, :width]
+        tables = self.block_table[fixed.rows_slice, :width]
 
-        num_sampling = len(sampling_seqs)
-        if num_sampling == batch:
-            srows, last_tokens = rows, context_lens
-        else:
-            sample_flags = np.array(sample_flags, dtype=bool)
-            srows, last_tokens = rows[sample_flags], context_lens[sample_flags]
         # the previous step's ids, in order, are this step's inputs: use them as they are
         reuse_sampled = (is_decode and len(pending_at) == batch and self.last_sampled is not None
-                         and self.last_sampled.shape[0] == batch and pending_from == list(range(batch)))
-        long_parts = [np.empty(0, np.int64) if reuse_sampled else np.array(host_ids, dtype=np.int64),
-                      positions, slots,
-                      query_start[1:] - 1 if num_sampling == batch else query_start[1:][sample_flags] - 1,
-                      srows, row_keys(self.seed[srows], last_tokens - self.num_prompt[srows]), self.top_k[srows],
-                      np.array(pending_at, dtype=np.int64), np.array(pending_from, dtype=np.int64)]
-        temperature, top_p, penalty = self.temperature[srows], self.top_p[srows], self.penalty[srows]
-        # int32 metadata and the fp32 sampling parameters share one buffer (same width: a view each)
-        int_parts = [query_start.astype(np.int32), context_lens.astype(np.int32), tables.reshape(-1),
-                     temperature.view(np.int32), top_p.view(np.int32), penalty.view(np.int32)]
-        longs = self.upload(np.concatenate(long_parts)).split([len(p) for p in long_parts])
-        ints = self.upload(np.concatenate(int_parts)).split([len(p) for p in int_parts])
-        input_ids, positions_d, slots_d, sample_rows_d, srows_d, keys_d, top_k_d, at_d, from_d = longs
+                         and self.last_sampled.shape[0] == batch and pending_from == fixed.in_order)
+        keys = None
+        if fixed.needs_keys:   # the draw's counter: tokens generated so far
+            last_tokens = context_lens if fixed.num_sampling == batch else context_lens[fixed.sample_flags]
+            keys = row_keys(fixed.seeds, last_tokens - fixed.num_prompt)
+        if reuse_sampled or not pending_at:
+            host_ids, pending_at, pending_from = (None, None, None) if reuse_sampled else (host_ids, None, None)
+        longs, ints = self.upload_packed([host_ids, positions, slots, keys, pending_at, pending_from],
+                                         [context_lens.astype(np.int32), tables.reshape(-1)])
+        input_ids, positions_d, slots_d, keys_d, at_d, from_d = longs
+        context_lens_d, tables_d = ints
         if reuse_sampled:
             input_ids = self.last_sampled
-        elif pending_at:
+        elif at_d is not None:
             input_ids[at_d] = self.last_sampled[from_d]
-        meta = AttentionMetadata(slot_mapping=slots_d, block_tables=ints[2].view(batch, width),
-                                 context_lens=ints[1], query_start_loc=ints[0], is_decode=is_decode)
+        meta = AttentionMetadata(slot_mapping=slots_d, block_tables=tables_d.view(batch, width),
+                                 context_lens=context_lens_d, query_start_loc=fixed.query_start_d,
+                                 is_decode=is_decode)
+        sampling = None
+        if fixed.num_sampling:
+            sampling = SamplingBatch(**fixed.sampling, keys=keys_d,
+                                     seen_mask=self.seen[fixed.seen_rows] if fixed.penalised else None)
+        return StepInputs(input_ids, positions_d, meta, fixed.sample_rows_d, sampling,
+                          sampling_seqs, fixed.batch_rows_d, fixed.penalised, fixed.logprobs)
 
-        sampling, penalised, logprobs = None, False, []
-        if num_sampling:
-            penalised = bool((penalty != 1.0).any())
-            logprobs = self.num_logprobs[srows].tolist()
-            sampled = temperature > 0
-            top_k = self.top_k[srows]
-            filtered = sampled & ((top_k > 0) | (top_p < 1.0))
-            widths = np.where(top_k[filtered] > 0, np.minimum(top_k[filtered], self.vocab_size), self.vocab_size)
-            sampling = SamplingBatch(
-                temperatures=ints[3].view(torch.float32), top_ks=top_k_d, top_ps=ints[4].view(torch.float32),
-                repetition_penalties=ints[5].view(torch.float32), seeds=None, steps=None, keys=keys_d,
-                seen_mask=self.seen[srows_d] if penalised else None, num_logprobs=max(logprobs),
-                all_greedy=not sampled.any(), all_sampled=bool(sampled.all()),
-                any_top_k=bool((top_k[sampled] > 0).any()), any_top_p=bool((top_p[sampled] < 1.0).any()),
-                num_candidates=int(widths.max()) if len(widths) else 0,
-                any_unfiltered=bool((sampled & ~filtered).any()))
-        return StepInputs(input_ids, positions_d, meta, sample_rows_d, sampling,
-                          sampling_seqs, srows_d, penalised, logprobs)
+    def _fix(self, rows: list, counts, sample_flags: list, sampling_seqs: list) -> "FixedInputs":
+        """What stays the same while the same sequences decode in the same rows: the rows, query starts,
+        sample rows and the sampling settings, uploaded once. counts: tokens per sequence (None: one each)."""
+        batch, num_sampling = len(rows), len(sampling_seqs)
+        rows_np = np.array(rows, dtype=np.int64)
+        if counts is None:
+            query_start = np.arange(batch + 1, dtype=np.int64)
+        else:
+            query_start = np.zeros(batch + 1, dtype=np.int64)
+            np.cumsum(counts, out=query_start[1:])
+        flags = None if num_sampling == batch else np.array(sample_flags, dtype=bool)
+        srows = rows_np if flags is None else rows_np[flags]
+        sample_rows = query_start[1:] - 1 if flags is None else query_start[1:][flags] - 1
+        temperature, top_p, penalty, top_k = (self.temperature[srows], self.top_p[srows], self.penalty[srows],
+                                              self.top_k[srows])
+        # the fp32 settings travel as int32 bit patterns (a view each way)
+        (sample_rows_d, srows_d, top_k_d), (query_start_d, temperature_d, top_p_d, penalty_d) = self.upload_packed(
+            [sample_rows, srows, top_k], [query_start.astype(np.int32), temperature.view(np.int32),
+                                          top_p.view(np.int32), penalty.view(np.int32)])
+        fixed = FixedInputs(rows_list=rows, rows=rows_np, rows_slice=_as_slice(rows_np), query_start=query_start,
+                            query_start_d=query_start_d, sample_flags=flags, num_sampling=num_sampling,
+                            sample_rows_d=sample_rows_d, batch_rows_d=srows_d, in_order=list(range(batch)))
+        if not num_sampling:
+            return fixed
+        sampled = temperature > 0
+        filtered = sampled & ((top_k > 0) | (top_p < 1.0))
+        widths = np.where(top_k[filtered] > 0, np.minimum(top_k[filtered], self.vocab_size), self.vocab_size)
+        logprobs = self.num_logprobs[srows].tolist()
+        fixed.penalised = bool((penalty != 1.0).any())
+        seen_rows = _as_slice(srows)
+        fixed.seen_rows = seen_rows if isinstance(seen_rows, slice) else srows_d
+        fixed.logprobs = logprobs
+        fixed.needs_keys = bool(sampled.any())
+        fixed.seeds, fixed.num_prompt = self.seed[srows], self.num_prompt[srows]
+        fixed.sampling = dict(
+            temperatures=temperature_d.view(torch.float32), top_ks=top_k_d, top_ps=top_p_d.view(torch.float32),
+            repetition_penalties=penalty_d.view(torch.float32), seeds=None, steps=None,
+            num_logprobs=max(logprobs), all_greedy=not fixed.needs_keys, all_sampled=bool(sampled.all()),
+            any_top_k=bool((top_k[sampled] > 0).any()), any_top_p=bool((top_p[sampled] < 1.0).any()),
+            num_candidates=int(widths.max()) if len(widths) else 0, any_unfiltered=bool((sampled & ~filtered).any()))
+        return fixed
+
+
+@dataclass
+class FixedInputs:
+    """The inputs of a batch that do not change from one decode step to the next (see InputBatch._fix)."""
+    rows_list: list                  # [B] each sequence's row, in step order (the cache key)
+    rows: np.ndarray                 # [B] int64
+    rows_slice: object               # rows as a slice when they are consecutive (a view, not a gather)
+    query_start: np.ndarray          # [B + 1] int64
+    query_start_d: torch.Tensor      # [B + 1] int32
+    sample_flags: Optional[np.ndarray]   # [B] bool, or None when every sequence samples
+    num_sampling: int                # S
+    sample_rows_d: torch.Tensor      # [S] int64
+    batch_rows_d: torch.Tensor       # [S] int64: the sampling sequences' rows
+    in_order: list                   # [0, 1, ..., B - 1]
+    penalised: bool = False
+    seen_rows: object = None         # the sampling rows of the penalty mask: a slice, or an index tensor
+    logprobs: list = dataclasses.field(default_factory=list)
+    needs_keys: bool = False         # some row draws (temperature > 0)
+    seeds: Optional[np.ndarray] = None       # [S] int64
+    num_prompt: Optional[np.ndarray] = None  # [S] int64
+    sampling: Optional[dict] = None  # SamplingBatch fields other than keys and seen_mask
+
+
+def _as_slice(rows: np.ndarray):
+    """rows as a slice when they are consecutive and increasing, so indexing by them is a view."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) == 1 or (np.diff(rows) == 1).all()):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
