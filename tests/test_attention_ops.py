@@ -155,6 +155,19 @@ def test_decode_short_and_empty(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decode_with_scores_in_the_hundreds(device):
+    """exp() of a score above ~88 overflows fp32: the softmax must subtract the row's max first."""
+    key_cache, value_cache, tables, lens, gen = paged_batch([37, 300], 8, 2, 64, 16, torch.float32, device)
+    query = (torch.randn(2, 8, 64, generator=gen) * 100).to(device)
+    scale = 64 ** -0.5
+    scores = torch.einsum("hd,hkd->hk", query[0].cpu(), key_cache[tables[0, 0].item()].cpu().repeat_interleave(4, dim=0))
+    assert (scores * scale).abs().max() > 200      # the case the test is about
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, scale)
+    actual = torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, tables, lens, scale)
+    assert_close(actual, expected, torch.float32, "decode with large scores")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_strided_query(device):
     """query as a view of a fused qkv projection (token stride 3 * Hq * D)."""
     key_cache, value_cache, tables, lens, gen = paged_batch([5, 40], 8, 8, 80, 16, torch.float32, device)
