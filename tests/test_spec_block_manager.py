@@ -3,7 +3,10 @@
 they are handed out again, least recently freed first; the last prompt token is always computed).
 These tests take milliseconds.
 """
+import pytest
+
 from xverse_engine import SamplingParams
+from xverse_engine.engine import block_manager
 from xverse_engine.engine.block_manager import BlockManager
 from xverse_engine.engine.sequence import Sequence
 
@@ -210,3 +213,26 @@ def test_a_block_overwritten_by_another_sequence_leaves_the_cache():
     bm.allocate(c)                          # takes a's last block (freed first)
     assert len(bm.hash_to_block) == 2
     assert bm.blocks[c.block_table[0]].token_ids is None and bm.blocks[c.block_table[0]].ref_count == 1
+
+
+def test_a_hit_needs_the_very_parent_block_even_when_hashes_collide(monkeypatch):
+    """A hash only finds a candidate: with a parent-blind hash, block Y cached after W must not serve Y
+    after X (its KV was computed after W)."""
+    monkeypatch.setattr(block_manager, "chain_hash", lambda tokens, previous: hash(tuple(tokens)))
+    bm = BlockManager(num_blocks=8, block_size=BLOCK)
+    x, w, y = [1] * BLOCK, [2] * BLOCK, [3] * BLOCK
+    a = computed(bm, seq(x + y + [9]))
+    c = computed(bm, seq(w + y + [9], request_id=1))     # the cache's entry for Y is now c's block
+    b = seq(x + y + [9], request_id=2)
+    bm.allocate(b)
+    assert b.block_table[0] == a.block_table[0]
+    assert b.block_table[1] not in (a.block_table[1], c.block_table[1])
+    assert b.num_computed_tokens == BLOCK
+
+
+def test_allocating_a_sequence_that_holds_blocks_is_refused():
+    bm = BlockManager(num_blocks=8, block_size=BLOCK)
+    s = seq(PROMPT)
+    bm.allocate(s)
+    with pytest.raises(AssertionError, match="sequence already holds blocks"):
+        bm.allocate(s)
