@@ -158,3 +158,15 @@ def test_output_is_decoded_after_the_prompt(context):
     out.add(context)
     out.add(context + 1)
     assert out.text == "out put" and out.take_delta(final=True) == "out put"
+
+
+def test_text_read_once_at_the_end_equals_the_text_read_token_by_token():
+    """Without stop strings the engine decodes lazily: many tokens (a split character among them) arrive in
+    the sequence's list before the text is read."""
+    e_acute = "é".encode()
+    pieces = [b"caf", e_acute[:1], e_acute[1:], b"! ", b"ok"]
+    source = []
+    out = OutputText(BytesTokenizer(pieces), [], prompt_token_ids=[], source=source)
+    source.extend(range(len(pieces)))
+    assert out.text == "café! ok"
+    assert out.take_delta(final=False) == "café! ok"
