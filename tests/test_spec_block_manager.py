@@ -234,5 +234,5 @@ def test_allocating_a_sequence_that_holds_blocks_is_refused():
     bm = BlockManager(num_blocks=8, block_size=BLOCK)
     s = seq(PROMPT)
     bm.allocate(s)
-    with pytest.raises(AssertionError, match="sequence already holds blocks"):
+    with pytest.raises(AssertionError, match="^sequence already holds blocks$"):
         bm.allocate(s)
