@@ -375,6 +375,34 @@ def test_abort_while_a_step_is_in_flight(moe_ckpt):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_steady_decode_uploads_the_fixed_inputs_once(moe_ckpt, monkeypatch):
+    """While the same sequences decode, their rows, query starts and sampling settings are worked out and
+    uploaded once, not every step."""
+    from xverse_engine.engine.input_batch import InputBatch
+    fixes = []
+    real_fix = InputBatch._fix
+    monkeypatch.setattr(InputBatch, "_fix", lambda self, *a: fixes.append(1) or real_fix(self, *a))
+    engine = make_engine(moe_ckpt)
+    params = SamplingParams(max_new_tokens=40, temperature=0.8, top_k=20, top_p=0.9, seed=3, ignore_eos=True)
+    outs = engine.generate(prompt_token_ids=prompts_of_lengths([5, 7, 6]), sampling_params=params)
+    assert [len(o.token_ids) for o in outs] == [40] * 3
+    assert len(fixes) <= 4, len(fixes)     # the prompt step, the first decode step, and no more
+
+
+def test_a_row_that_changes_hands_takes_its_new_sequences_settings(moe_ckpt):
+    """With one row, each request decodes in the row the previous one left: each must keep its own
+    temperature, seed and penalty, exactly as when it runs alone."""
+    params = [SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=1.0, ignore_eos=True),
+              SamplingParams(max_new_tokens=8, temperature=1.5, seed=11, ignore_eos=True),
+              SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=2.0, ignore_eos=True)]
+    prompts = prompts_of_lengths([5, 5, 5])
+    together = make_engine(moe_ckpt, max_num_seqs=1).generate(prompt_token_ids=prompts, sampling_params=params)
+    alone = [make_engine(moe_ckpt).generate(prompt_token_ids=[p], sampling_params=s)[0]
+             for p, s in zip(prompts, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in together}) == 3
+
+
 def test_penalty_mask_holds_exactly_the_tokens_seen(moe_ckpt):
     import torch
     engine = make_engine(moe_ckpt, async_scheduling=False, num_kv_blocks=24, max_model_len=64, max_num_seqs=8)

@@ -10,6 +10,7 @@ counts the pending token.
 import logging
 import random
 import time
+from itertools import repeat
 from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
@@ -254,16 +255,17 @@ class Engine:
         requests = self._requests
         register = self.block_manager.register_computed_blocks
         block_size = self.block_manager.block_size
-        for i, (seq, token) in enumerate(zip(output.seqs, tokens)):
-            if seq.status is SequenceStatus.FINISHED:
+        finished = SequenceStatus.FINISHED
+        for seq, token, entry in zip(output.seqs, tokens, logprobs or repeat(None)):
+            if seq.status is finished:
                 continue        # stopped or aborted while this step ran: its token is dropped
             seq.num_pending -= 1
             token_ids = seq.token_ids
             token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            if logprobs is not None and logprobs[i] is not None:
-                seq.logprobs.append(logprobs[i])
+            if entry is not None:
+                seq.logprobs.append(entry)
             request = requests[seq.request_id]
             if request.text.checks_stops and request.text.update():
                 self._finish(seq, "stop")

@@ -101,40 +101,41 @@ class InputBatch:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def upload_packed(self, longs: list, ints: list) -> tuple:
-        """One host-to-device copy for a step's int64 and int32 arrays (lists, arrays, or None for absent):
-        returns their device tensors (None where absent), in order."""
+        """One host-to-device copy for a step's int64 and int32 arrays (lists or arrays of any shape; None for
+        absent ones): each is written once into one int64 buffer, the int32 ones into its tail. Returns their
+        device tensors (None where absent), in order and in their shapes."""
         longs = [None if part is None else np.asarray(part, dtype=np.int64) for part in longs]
-        packed_ints = np.concatenate(ints)
-        if len(packed_ints) % 2:   # whole int64 words
-            packed_ints = np.append(packed_ints, np.int32(0))
-        device = self.upload(np.concatenate([p for p in longs if p is not None] + [packed_ints.view(np.int64)]))
-        long_tensors, at = [], 0
-        for part in longs:
-            long_tensors.append(None if part is None else device[at:at + len(part)])
-            at += 0 if part is None else len(part)
-        device_ints = device[at:].view(torch.int32)
-        int_tensors, at = [], 0
-        for part in ints:
-            int_tensors.append(device_ints[at:at + len(part)])
-            at += len(part)
-        return long_tensors, int_tensors
+        num_longs = sum(part.size for part in longs if part is not None)
+        buffer = np.empty(num_longs + (sum(part.size for part in ints) + 1) // 2, dtype=np.int64)
+        long_views = list(_views(buffer, longs))
+        int_views = list(_views(buffer[num_longs:].view(np.int32), ints))
+        for view, part in zip(long_views + int_views, longs + ints):
+            if part is not None:
+                view[...] = part
+        if self.device.type == "cpu":   # the host buffer is the input: no copy, and numpy views cost less
+            return ([None if v is None else torch.from_numpy(v) for v in long_views],
+                    [torch.from_numpy(v) for v in int_views])
+        device = self.upload(buffer)
+        return list(_views(device, longs)), list(_views(device[num_longs:].view(torch.int32), ints))
 
     def prepare(self, scheduled) -> StepInputs:
+        fixed = self._fixed
+        starts = self._starts_of_same_batch(scheduled, fixed) if fixed is not None else None
+        if starts is not None:   # the steady state: the same sequences decode again, fed by the last step
+            return self._inputs(fixed, np.array(starts, dtype=np.int64), None, None, fixed.seqs)
         rows, starts, counts, host_ids, sample_flags = [], [], [], [], []
         sampling_seqs, pending_at, pending_from = [], [], []
         add_row, add_start, add_count, add_id, add_flag = (rows.append, starts.append, counts.append,
                                                            host_ids.append, sample_flags.append)
         total = 0
-        for item in scheduled:   # the only per-sequence Python of the step's inputs: keep it lean
+        for item in scheduled:
             seq = item.seq
             row = seq.row
             if row < 0:
                 self.add(seq)
                 row = seq.row
             elif len(seq.block_table) != seq.num_synced_blocks:
-                self.block_table[row, seq.num_synced_blocks:len(seq.block_table)] = \
-                    seq.block_table[seq.num_synced_blocks:]
-                seq.num_synced_blocks = len(seq.block_table)
+                self._sync_blocks(seq)
             start, n = item.start, item.num_new_tokens
             add_row(row)
             add_start(start)
@@ -156,48 +157,70 @@ class InputBatch:
                 sampling_seqs.append(seq)
         if self._new_penalty_rows:
             self._rebuild_penalty_rows()
-
-        bs = self.block_size
         batch = len(rows)
         is_decode = total == batch
-        fixed = self._fixed
-        if not (is_decode and fixed is not None and len(sampling_seqs) == batch and fixed.rows_list == rows):
-            # the batch changed (or a prefill chunk runs): work out and upload what stays fixed
-            fixed = self._fix(rows, None if is_decode else counts, sample_flags, sampling_seqs)
-            self._fixed = fixed if is_decode and fixed.num_sampling == batch else None
-        starts = np.array(starts, dtype=np.int64)
-        if is_decode:   # one token per sequence
+        fixed = self._fix(rows, None if is_decode else counts, sample_flags, sampling_seqs)
+        # kept for the next steps when they can reuse it: the same sequences, each decoding its pending token
+        steady = is_decode and fixed.num_sampling == batch and pending_from == fixed.in_order
+        self._fixed = fixed if steady else None
+        if not pending_at:
+            pending_at = pending_from = None
+        return self._inputs(fixed, np.array(starts, dtype=np.int64), None if is_decode else counts,
+                            (host_ids, pending_at, pending_from), sampling_seqs)
+
+    def _sync_blocks(self, seq):
+        """Copies the blocks seq gained since its last step into its row of the block table."""
+        self.block_table[seq.row, seq.num_synced_blocks:len(seq.block_table)] = seq.block_table[seq.num_synced_blocks:]
+        seq.num_synced_blocks = len(seq.block_table)
+
+    def _starts_of_same_batch(self, scheduled, fixed) -> Optional[list]:
+        """Each sequence's position when this step decodes exactly the batch of the last step, in the same
+        order, every input being the token that step drew (so its sampled ids are this step's input ids);
+        None otherwise."""
+        seqs = fixed.seqs
+        if len(scheduled) != len(seqs) or self.last_sampled is None or self.last_sampled.shape[0] != len(seqs):
+            return None
+        starts = []
+        for item, seq in zip(scheduled, seqs):
+            if item.seq is not seq or item.num_new_tokens != 1 or item.start != len(seq.token_ids):
+                return None
+            if len(seq.block_table) != seq.num_synced_blocks:
+                self._sync_blocks(seq)
+            starts.append(item.start)
+        return starts
+
+    def _inputs(self, fixed, starts: np.ndarray, counts, host_inputs, sampling_seqs: list) -> StepInputs:
+        """The step's device inputs. starts: [B] first position of each sequence; counts: its new tokens
+        (None: one each); host_inputs: (token ids known on the host, where pending ones go, where in the last
+        step's output they come from), or None when the last step's sampled ids are the input as they are."""
+        bs = self.block_size
+        if counts is None:   # one token per sequence
             positions, token_rows = starts, fixed.rows
             context_lens = starts + 1
         else:
             counts = np.array(counts, dtype=np.int64)
             token_rows = np.repeat(fixed.rows, counts)
-            positions = np.arange(total) + np.repeat(starts - fixed.query_start[:-1], counts)
+            positions = np.arange(len(token_rows)) + np.repeat(starts - fixed.query_start[:-1], counts)
             context_lens = starts + counts
         slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         width = (int(context_lens.max()) + bs - 1) // bs
         tables = self.block_table[fixed.rows_slice, :width]
-
-        # the previous step's ids, in order, are this step's inputs: use them as they are
-        reuse_sampled = (is_decode and len(pending_at) == batch and self.last_sampled is not None
-                         and self.last_sampled.shape[0] == batch and pending_from == fixed.in_order)
         keys = None
         if fixed.needs_keys:   # the draw's counter: tokens generated so far
-            last_tokens = context_lens if fixed.num_sampling == batch else context_lens[fixed.sample_flags]
+            last_tokens = context_lens if fixed.sample_flags is None else context_lens[fixed.sample_flags]
             keys = row_keys(fixed.seeds, last_tokens - fixed.num_prompt)
-        if reuse_sampled or not pending_at:
-            host_ids, pending_at, pending_from = (None, None, None) if reuse_sampled else (host_ids, None, None)
+        host_ids, pending_at, pending_from = host_inputs or (None, None, None)
         longs, ints = self.upload_packed([host_ids, positions, slots, keys, pending_at, pending_from],
-                                         [context_lens.astype(np.int32), tables.reshape(-1)])
+                                         [context_lens, tables])
         input_ids, positions_d, slots_d, keys_d, at_d, from_d = longs
         context_lens_d, tables_d = ints
-        if reuse_sampled:
+        if host_inputs is None:
             input_ids = self.last_sampled
         elif at_d is not None:
             input_ids[at_d] = self.last_sampled[from_d]
-        meta = AttentionMetadata(slot_mapping=slots_d, block_tables=tables_d.view(batch, width),
+        meta = AttentionMetadata(slot_mapping=slots_d, block_tables=tables_d,
                                  context_lens=context_lens_d, query_start_loc=fixed.query_start_d,
-                                 is_decode=is_decode)
+                                 is_decode=counts is None)
         sampling = None
         if fixed.num_sampling:
             sampling = SamplingBatch(**fixed.sampling, keys=keys_d,
@@ -222,11 +245,12 @@ class InputBatch:
                                               self.top_k[srows])
         # the fp32 settings travel as int32 bit patterns (a view each way)
         (sample_rows_d, srows_d, top_k_d), (query_start_d, temperature_d, top_p_d, penalty_d) = self.upload_packed(
-            [sample_rows, srows, top_k], [query_start.astype(np.int32), temperature.view(np.int32),
+            [sample_rows, srows, top_k], [query_start, temperature.view(np.int32),
                                           top_p.view(np.int32), penalty.view(np.int32)])
-        fixed = FixedInputs(rows_list=rows, rows=rows_np, rows_slice=_as_slice(rows_np), query_start=query_start,
+        fixed = FixedInputs(rows=rows_np, rows_slice=_as_slice(rows_np), query_start=query_start,
                             query_start_d=query_start_d, sample_flags=flags, num_sampling=num_sampling,
-                            sample_rows_d=sample_rows_d, batch_rows_d=srows_d, in_order=list(range(batch)))
+                            sample_rows_d=sample_rows_d, batch_rows_d=srows_d, in_order=list(range(batch)),
+                            seqs=sampling_seqs)
         if not num_sampling:
             return fixed
         sampled = temperature > 0
@@ -251,7 +275,6 @@ class InputBatch:
 @dataclass
 class FixedInputs:
     """The inputs of a batch that do not change from one decode step to the next (see InputBatch._fix)."""
-    rows_list: list                  # [B] each sequence's row, in step order (the cache key)
     rows: np.ndarray                 # [B] int64
     rows_slice: object               # rows as a slice when they are consecutive (a view, not a gather)
     query_start: np.ndarray          # [B + 1] int64
@@ -261,6 +284,7 @@ class FixedInputs:
     sample_rows_d: torch.Tensor      # [S] int64
     batch_rows_d: torch.Tensor       # [S] int64: the sampling sequences' rows
     in_order: list                   # [0, 1, ..., B - 1]
+    seqs: list                       # the S sampling sequences, in order
     penalised: bool = False
     seen_rows: object = None         # the sampling rows of the penalty mask: a slice, or an index tensor
     logprobs: list = dataclasses.field(default_factory=list)
@@ -268,6 +292,18 @@ class FixedInputs:
     seeds: Optional[np.ndarray] = None       # [S] int64
     num_prompt: Optional[np.ndarray] = None  # [S] int64
     sampling: Optional[dict] = None  # SamplingBatch fields other than keys and seen_mask
+
+
+def _views(flat, parts: list):
+    """Consecutive views of the 1-D array or tensor flat in the shapes of parts (None stays None)."""
+    at = 0
+    for part in parts:
+        if part is None:
+            yield None
+            continue
+        view = flat[at:at + part.size]
+        yield view if part.ndim == 1 else view.reshape(part.shape)
+        at += part.size
 
 
 def _as_slice(rows: np.ndarray):

@@ -55,7 +55,8 @@ class StepOutput:
         chosen = table[:, 1].tolist()
         values = table[:, 2:2 + width].tolist()
         ids = table[:, 2 + width:].astype(np.int64).tolist()
-        entries = [None if n < 0 else TokenLogprob(tokens[i], chosen[i], dict(zip(ids[i][:n], values[i][:n])))
+        entries = [None if n < 0 else TokenLogprob(tokens[i], chosen[i], dict(zip(ids[i], values[i])) if n == width
+                                                   else dict(zip(ids[i][:n], values[i][:n])))
                    for i, n in enumerate(self.logprobs)]
         return tokens, entries
 

@@ -21,7 +21,7 @@ class RequestMetrics:
         return self.num_output_tokens / self.e2e_latency
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     token_id: int
     logprob: float
