@@ -64,11 +64,11 @@ def test_noise_is_the_documented_hash_of_seed_step_and_token():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 3.0]])
-    seen = torch.tensor([[0, 1, -1, -1]])                  # padded with -1: must not mark the last token
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 3.0, 0.0]])
+    seen = torch.tensor([[0, 1, 3, 5, -1, -1]])            # padded with -1: must not mark the last token
     penalised = apply_repetition_penalty(logits, seen, torch.tensor([2.0]))
-    assert penalised.tolist() == [[1.0, -4.0, 1.0, 0.5, 3.0]]
-    mask = torch.tensor([[True, True, False, False, False]])
+    assert penalised.tolist() == [[1.0, -4.0, 1.0, 0.25, 3.0, 0.0]]
+    mask = torch.tensor([[True, True, False, True, False, True]])
     assert torch.equal(apply_repetition_penalty_mask(logits, mask, torch.tensor([2.0])), penalised)
 
 

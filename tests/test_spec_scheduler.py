@@ -4,6 +4,8 @@ waiting ones first come first served while the token budget, max_num_seqs and fr
 decode needs a block and none is free the newest running sequence gives way; scheduling commits the step
 (computed tokens move on, a sampling sequence gains a pending token).
 """
+import pytest
+
 from xverse_engine import SamplingParams
 from xverse_engine.engine.block_manager import BlockManager
 from xverse_engine.engine.scheduler import Scheduler
@@ -74,16 +76,32 @@ def test_the_next_step_is_planned_before_the_sampled_token_arrives():
     assert a.num_pending == 2 and a.num_computed_tokens == 4
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_of_the_budget():
+@pytest.mark.parametrize("last_chunk", [1, 2, 3])
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_budget(last_chunk):
     s = make(budget=8)
-    a, b = seq(0, 19), seq(1, 2)
+    a, b = seq(0, 16 + last_chunk), seq(1, 2)
     s.add(a)
     s.add(b)
     assert plan(s.schedule()) == [(0, 0, 8, False)]        # the budget is spent: b waits
-    assert a.num_pending == 0 and a.num_computed_tokens == 8 and len(a.block_table) == 5
+    assert a.num_pending == 0 and a.num_computed_tokens == 8 and len(a.block_table) == a.num_tokens // BLOCK + 1
     assert plan(s.schedule()) == [(0, 8, 8, False)]
-    assert plan(s.schedule()) == [(0, 16, 3, True), (1, 0, 2, True)]
-    assert a.num_pending == 1
+    assert plan(s.schedule()) == [(0, 16, last_chunk, True), (1, 0, 2, True)]
+    assert a.num_pending == 1 and a.num_computed_tokens == 16 + last_chunk
+
+
+def test_running_sequences_beyond_the_budget_wait_for_the_next_step():
+    s = make(budget=3)
+    seqs = [seq(i, 1) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    tokens_arrive(s.schedule())
+    assert plan(s.schedule()) == [(0, 1, 1, True), (1, 1, 1, True), (2, 1, 1, True)]   # exactly the budget
+    for x in seqs:
+        x.num_pending -= 1
+        x.append_token(7)
+    s.max_num_batched_tokens = 2
+    assert plan(s.schedule()) == [(0, 2, 1, True), (1, 2, 1, True)]
+    assert seqs[2].num_computed_tokens == 2 and seqs[2].num_pending == 0
 
 
 def test_decodes_spend_the_budget_before_waiting_prompts():
@@ -139,6 +157,22 @@ def test_the_newest_running_sequence_gives_way_when_no_block_is_free():
     assert s.waiting[0] is b and s.running == [a]
     assert (b.num_preemptions, s.num_preemptions) == (1, 1)
     assert s.take_preempted() == [b] and s.take_preempted() == []
+
+
+def test_preemptions_are_counted_per_sequence_and_in_total():
+    s = make(num_blocks=2)
+    a, b = seq(0, 4), seq(1, 4)
+    s.add(a)
+    s.add(b)
+    tokens_arrive(s.schedule())
+    tokens_arrive(s.schedule())       # a takes the second block; b gives way
+    s.remove(a)
+    for _ in range(4):                # b recomputes its 5 tokens, then decodes up to 9 in its 2 blocks
+        tokens_arrive(s.schedule())
+    assert b.num_tokens == 9 and b.status == SequenceStatus.RUNNING
+    assert s.schedule() == []         # the 9th needs a third block: b gives way again, to no one
+    assert (b.num_preemptions, s.num_preemptions) == (2, 2)
+    assert s.take_preempted() == [b, b]
 
 
 def test_a_sequence_preempts_itself_when_it_is_the_newest():
