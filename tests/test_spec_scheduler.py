@@ -60,9 +60,14 @@ def test_decode_gives_each_running_sequence_one_token_and_a_block_when_it_starts
     assert plan(items) == [(0, 4, 1, True)]
     assert (a.num_computed_tokens, a.num_pending, len(a.block_table)) == (5, 1, 2)
     assert a.first_scheduled_time == first_time
+    for _ in range(3):                 # the 6th, 7th and 8th fit in the second block, the 8th exactly
+        tokens_arrive(items)
+        items = s.schedule()
+        assert len(a.block_table) == 2
+    assert a.num_computed_tokens == 8
     tokens_arrive(items)
-    s.schedule()                       # the 6th fits in the second block
-    assert len(a.block_table) == 2
+    s.schedule()                       # the 9th starts a third
+    assert len(a.block_table) == 3
 
 
 def test_the_next_step_is_planned_before_the_sampled_token_arrives():
@@ -113,6 +118,25 @@ def test_decodes_spend_the_budget_before_waiting_prompts():
     c = seq(2, 6)
     s.add(c)
     assert plan(s.schedule()) == [(0, 2, 1, True), (1, 2, 1, True), (2, 0, 2, False)]
+
+
+def test_a_sequence_that_is_done_does_not_hold_up_the_ones_after_it():
+    s = make()
+    a, b, c = seq(0, 1), seq(1, 1, max_tokens=2), seq(2, 1)
+    for x in (a, b, c):
+        s.add(x)
+    items = s.schedule()
+    tokens_arrive([i for i in items if i.seq is not b])     # b's last token is still on its way
+    assert plan(s.schedule()) == [(0, 1, 1, True), (2, 1, 1, True)]
+
+
+def test_a_prompt_that_completes_behind_a_finished_sequence_is_scheduled_once():
+    s = make(budget=8)
+    a, b = seq(0, 1, max_tokens=2), seq(1, 12)
+    s.add(a)
+    s.add(b)
+    assert plan(s.schedule()) == [(0, 0, 1, True), (1, 0, 7, False)]
+    assert plan(s.schedule()) == [(1, 7, 5, True)]           # a's last token is on its way: nothing for a
 
 
 def test_max_num_seqs_caps_the_running_sequences():
