@@ -139,6 +139,13 @@ def test_a_prompt_that_completes_behind_a_finished_sequence_is_scheduled_once():
     assert plan(s.schedule()) == [(1, 7, 5, True)]           # a's last token is on its way: nothing for a
 
 
+def test_the_last_token_of_the_budget_starts_a_prompt():
+    s = make(budget=3)
+    s.add(seq(0, 2))
+    s.add(seq(1, 4))
+    assert plan(s.schedule()) == [(0, 0, 2, True), (1, 0, 1, False)]
+
+
 def test_max_num_seqs_caps_the_running_sequences():
     s = make(max_num_seqs=2)
     seqs = [seq(i, 2) for i in range(3)]
