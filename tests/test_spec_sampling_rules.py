@@ -91,6 +91,13 @@ def test_top_k_then_top_p_over_the_renormalised_survivors(top_k, top_p, kept):
     assert torch.equal(filtered[0, kept], logits[0, kept])
 
 
+@pytest.mark.parametrize("top_p, kept", [(0.5, [0]), (0.75, [0, 1]), (0.7500001, [0, 1, 2])])
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_it_exactly(top_p, kept):
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()      # exact in fp32: masses 0.5, 0.75, 0.875
+    filtered = filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([top_p]), False, True)
+    assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == kept
+
+
 def spec_draw(logits, seed, step, temperature, top_k=0, top_p=1.0, penalty=1.0, seen=()):
     """The token a row draws, computed from the rules alone (float64, plain loops over the vocabulary)."""
     logits = [float(x) for x in logits]
@@ -145,6 +152,7 @@ ROWS = [   # (seed, step, temperature, top_k, top_p, repetition penalty, seen to
     (16, 5, 0.7, 30, 0.85, 1.0, ()),            # the checkpoint's defaults: both
     (17, 4, 1.3, 8, 0.9, 1.5, (0, 1, 2, 3)),    # and a repetition penalty
     (18, 9, 0.0, 4, 0.5, 1.3, (5, 6)),          # greedy with a penalty; its filters do not matter
+    (19, 6, 1.5, 1, 1.0, 1.0, ()),              # top-k 1: the best token, whatever the noise
 ]
 
 
@@ -204,6 +212,17 @@ def test_the_candidate_width_does_not_change_any_draw():
     batch.num_candidates = 0          # 0: the whole vocabulary
     whole, _ = sample(logits, batch)
     assert narrow.tolist() == wide.tolist() == whole.tolist() == [spec_draw(logits[i], *r) for i, r in enumerate(rows)]
+
+
+def test_top_p_without_top_k_draws_over_the_whole_vocabulary():
+    """Candidate width 0 means every token: a top-p row with a flat distribution can draw any of them."""
+    rows = [(s, 1, 5.0, 0, 0.99, 1.0, ()) for s in range(2)]
+    logits = logits_for(2, seed=4)
+    batch = make_batch(rows, VOCAB)
+    assert batch.num_candidates == VOCAB
+    batch.num_candidates = 0
+    tokens, _ = sample(logits, batch)
+    assert tokens.tolist() == [spec_draw(logits[i], *r) for i, r in enumerate(rows)]
 
 
 @pytest.mark.parametrize("num_logprobs, width", [(0, 1), (1, 1), (5, 5)])
