@@ -156,17 +156,25 @@ ROWS = [   # (seed, step, temperature, top_k, top_p, repetition penalty, seen to
 ]
 
 
+# every setting above with five seeds
+MANY = [(seed + 1000 * j, *rest) for j in range(5) for seed, *rest in ROWS]
+
+
 def logits_for(num_rows, seed=0):
+    """Logits spread like a model's (std 1.5): the noise often picks another token than the argmax."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(num_rows, VOCAB, generator=generator) * 3
+    return torch.randn(num_rows, VOCAB, generator=generator) * 1.5
 
 
 @pytest.mark.parametrize("keys", [False, True])
 def test_each_row_draws_what_the_rules_say_in_a_mixed_batch(keys):
-    logits = logits_for(len(ROWS))
-    tokens, top = sample(logits, make_batch(ROWS, VOCAB, keys=keys))
-    expected = [spec_draw(logits[i], r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for i, r in enumerate(ROWS)]
+    logits = logits_for(len(MANY))
+    tokens, top = sample(logits, make_batch(MANY, VOCAB, keys=keys))
+    expected = [spec_draw(logits[i], *r) for i, r in enumerate(MANY)]
     assert tokens.tolist() == expected and top is None
+    # the test can tell a draw from the argmax: most sampled rows do not take it
+    sampled = [i for i, r in enumerate(MANY) if r[2] > 0 and r[3] != 1]
+    assert sum(tokens[i].item() != logits[i].argmax().item() for i in sampled) > len(sampled) // 2
 
 
 @pytest.mark.parametrize("index", range(len(ROWS)))
@@ -175,6 +183,27 @@ def test_a_row_draws_the_same_alone(index):
     together, _ = sample(logits, make_batch(ROWS, VOCAB))
     alone, _ = sample(logits[index:index + 1], make_batch(ROWS[index:index + 1], VOCAB))
     assert alone.item() == together[index].item()
+
+
+def test_unfiltered_rows_draw_over_the_whole_vocabulary_beside_narrow_top_k_rows():
+    rows = [(s, 0, 1.0, 3, 1.0, 1.0, ()) if s % 2 else (s, 0, 1.3, 0, 1.0, 1.0, ()) for s in range(16)]
+    logits = logits_for(16, seed=5)
+    batch = make_batch(rows, VOCAB)
+    assert batch.num_candidates == 3 and batch.any_unfiltered
+    tokens, _ = sample(logits, batch)
+    assert tokens.tolist() == [spec_draw(logits[i], *r) for i, r in enumerate(rows)]
+    top3 = logits.topk(3).indices
+    assert any(tokens[i] not in top3[i] for i in range(0, 16, 2))     # the test can tell
+
+
+def test_the_reference_form_of_the_seen_tokens_gives_the_same_draws():
+    """seen_token_ids [B, L] padded with -1 (the reference form) penalises exactly like the engine's mask."""
+    logits = logits_for(len(MANY), seed=6)
+    batch = make_batch(MANY, VOCAB)
+    seen = [sorted(r[6]) + [-1] * (4 - len(r[6])) for r in MANY]
+    batch.seen_token_ids, batch.seen_mask = torch.tensor(seen, dtype=torch.int64), None
+    tokens, _ = sample(logits, batch)
+    assert tokens.tolist() == [spec_draw(logits[i], *r) for i, r in enumerate(MANY)]
 
 
 def test_all_sampled_and_all_greedy_batches_follow_the_same_rules():
