@@ -389,6 +389,23 @@ def test_steady_decode_uploads_the_fixed_inputs_once(moe_ckpt, monkeypatch):
     assert len(fixes) <= 4, len(fixes)     # the prompt step, the first decode step, and no more
 
 
+@pytest.mark.parametrize("zero_copy", [True, False])   # False: the slicing of the device copy (GPU path)
+def test_packed_upload_returns_each_array_in_its_dtype_and_shape(zero_copy):
+    import numpy as np
+    import torch
+
+    from xverse_engine.engine.input_batch import InputBatch
+    batch = InputBatch(4, 8, 16, 32, "cpu")
+    longs = [[7, 8, 9], None, np.arange(5) * 3, np.array([], dtype=np.int64)]
+    ints = [np.array([1, 2, 3]), np.arange(21, dtype=np.int32).reshape(3, 7), np.array([-5], dtype=np.int32)]
+    out_longs, out_ints = batch.upload_packed(longs, ints, zero_copy=zero_copy)
+    assert out_longs[1] is None
+    for got, want in zip(out_longs[:1] + out_longs[2:], [longs[0], longs[2], longs[3]]):
+        assert got.dtype == torch.int64 and got.tolist() == list(want)
+    for got, want in zip(out_ints, ints):
+        assert got.dtype == torch.int32 and got.shape == want.shape and got.tolist() == want.tolist()
+
+
 def test_a_row_that_changes_hands_takes_its_new_sequences_settings(moe_ckpt):
     """With one row, each request decodes in the row the previous one left: each must keep its own
     temperature, seed and penalty, exactly as when it runs alone."""

@@ -3,12 +3,16 @@
 A sequence gets a row when it is first scheduled and keeps it until it finishes or is preempted. The row
 holds what rarely changes (sampling parameters, seed, block table, the repetition-penalty mask of the
 tokens it has seen), so a step touches only what changed: new blocks, newly admitted rows, and one
-scatter of the sampled ids into the penalty mask on the device. The step's flat inputs are computed from
-these arrays with a few vectorised numpy operations, packed into three host buffers (int64, int32, fp32)
-and copied to the device in three transfers.
+scatter of the sampled ids into the penalty mask on the device.
 
-Inputs whose token is still pending (sampled by the previous step, not yet on the host) are gathered on
-the device from that step's output, so the next step never waits for the host to see them.
+What depends only on which sequences run in which rows (their rows, query starts, sample rows, sampling
+settings: FixedInputs) is worked out and uploaded once per batch. While the same sequences keep decoding,
+each fed the token the last step drew (the steady state), a step skips the per-sequence bookkeeping and
+computes just positions, slots, context lengths, block tables and draw keys with a few vectorised numpy
+operations, packed into one host buffer and copied to the device at once.
+
+Inputs whose token is still pending (sampled by the previous step, not yet on the host) are read on the
+device from that step's output, so the next step never waits for the host to see them.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -100,10 +104,11 @@ class InputBatch:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def upload_packed(self, longs: list, ints: list) -> tuple:
+    def upload_packed(self, longs: list, ints: list, zero_copy: Optional[bool] = None) -> tuple:
         """One host-to-device copy for a step's int64 and int32 arrays (lists or arrays of any shape; None for
         absent ones): each is written once into one int64 buffer, the int32 ones into its tail. Returns their
-        device tensors (None where absent), in order and in their shapes."""
+        device tensors (None where absent), in order and in their shapes. zero_copy (default: on the CPU)
+        returns views of the host buffer instead of slices of its device copy."""
         longs = [None if part is None else np.asarray(part, dtype=np.int64) for part in longs]
         num_longs = sum(part.size for part in longs if part is not None)
         buffer = np.empty(num_longs + (sum(part.size for part in ints) + 1) // 2, dtype=np.int64)
@@ -112,7 +117,9 @@ class InputBatch:
         for view, part in zip(long_views + int_views, longs + ints):
             if part is not None:
                 view[...] = part
-        if self.device.type == "cpu":   # the host buffer is the input: no copy, and numpy views cost less
+        if zero_copy is None:
+            zero_copy = self.device.type == "cpu"
+        if zero_copy:   # the host buffer is the input: numpy views cost less than tensor slices
             return ([None if v is None else torch.from_numpy(v) for v in long_views],
                     [torch.from_numpy(v) for v in int_views])
         device = self.upload(buffer)
