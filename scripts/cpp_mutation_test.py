@@ -64,7 +64,11 @@ MUTANTS = {
            "if (slot <= 0) continue;  // padding: nothing written", "slot 0 treated as padding"),
 }
 
-EQUIVALENT = {}   # id: why no test can tell the mutant from the original (none so far)
+# id: why no test can tell the mutant from the original
+EQUIVALENT = {
+    "G2": "a NaN probability means the whole row is NaN (one NaN or inf logit makes the softmax sum NaN), so "
+          "every expert ranks the same, -inf or +inf alike, and ties go to the lower index either way",
+}
 
 
 def tests_for(file: str) -> list:
