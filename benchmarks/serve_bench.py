@@ -10,8 +10,10 @@ close it comes to offline Engine.generate on the same requests in the same run.
    (Poisson arrivals, requests/s; "inf" sends all at once), each with fresh prompts: request throughput,
    TTFT / TPOT / end-to-end percentiles. JSON (--json) and a PNG of latency against load (--plot).
 
-The client is a small asyncio HTTP/1.1 reader (no client library), so it takes little CPU from the server when
-both share a machine.
+The client is a small asyncio HTTP/1.1 reader (no client library) that only takes times and keeps the raw bytes
+while a level runs, and parses them (text, usage) after it, so it takes little CPU from the server when both share
+a machine. On a CPU each saturation run of the server follows offline's run of the same requests, and its streamed
+texts must equal offline's (greedy); --torch-threads gives both sides the same intra-op threads.
 
   python -m benchmarks.serve_bench --device cpu --num-prompts 64 --input-len 32 --output-len 64 \\
       --concurrency 1,4,16,64 --json benchmarks/out/serve.json --plot benchmarks/out/serve.png
@@ -54,13 +56,20 @@ def parse_args(argv=None):
                    "work on the machine only ever slows a run down)")
     w.add_argument("--timeout", type=float, default=1800, help="seconds a level may take before it is abandoned")
     add_engine_args(p, title="engine (passed to the server as well)", compare_reference=False)
+    p.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval: tokens per SSE "
+                   "chunk (default 1, every token)")
+    p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of torch on both sides (offline "
+                   "here, OMP_NUM_THREADS for the server); default: torch's own choice here, passed on to the server. "
+                   "On a small CPU machine 1 leaves a core for the server's HTTP loop and the client")
     p.add_argument("--plot", default=None, metavar="PNG", help="plot latency against load")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.request_rate = [float(r) for r in args.request_rate.split(",") if r.strip()]
-    for name in ("num_prompts", "input_len", "output_len", "repeats"):
+    for name in ("num_prompts", "input_len", "output_len", "repeats", "stream_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        p.error("--torch-threads must be >= 1")
     if any(c < 1 for c in args.concurrency) or any(r <= 0 for r in args.request_rate):
         p.error("concurrency levels must be >= 1 and request rates > 0")
     return args
@@ -83,33 +92,44 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list:
 
 
 # ---- offline -----------------------------------------------------------------------------------------------
-def run_offline(args, prompt_sets: list) -> dict:
-    from xverse_engine import Engine, SamplingParams
-    engine = Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-                    load_format=args.load_format, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                    num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                    enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-                    show_progress=False)
-    params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    warm_up = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    engine.generate(prompt_token_ids=prompt_sets[0][:2], sampling_params=warm_up, use_tqdm=False)
-    sync = engine.device.type == "cuda"
-    if sync:
-        import torch
-        torch.cuda.synchronize()
-    runs = []
-    for prompts in prompt_sets:
+class Offline:
+    """Engine.generate on the benchmark's requests, in this process (greedy, ignore_eos, all at once)."""
+
+    def __init__(self, args, warm_up_prompts: list):
+        from xverse_engine import Engine, SamplingParams
+        self.engine = Engine(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+                             load_format=args.load_format, max_num_seqs=args.max_num_seqs,
+                             max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
+                             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                             tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, show_progress=False)
+        self.device = self.engine.device
+        self.params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        warm_up = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        self.engine.generate(prompt_token_ids=warm_up_prompts, sampling_params=warm_up, use_tqdm=False)
+        self._sync()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize()
+
+    def run(self, prompts: list) -> tuple:
+        """One run: its summary, and the output texts (to check the server's against)."""
         start = time.perf_counter()
-        outputs = engine.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-        runs.append(summarize_offline(outputs, time.perf_counter() - start))
-    result = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
-              "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs], "device": str(engine.device)}
-    engine.shutdown()   # tensor-parallel workers, if any
-    del engine, outputs
-    gc.collect()
-    if sync:
-        torch.cuda.empty_cache()   # the server process needs the memory next
-    return result
+        outputs = self.engine.generate(prompt_token_ids=prompts, sampling_params=self.params, use_tqdm=False)
+        self._sync()
+        return summarize_offline(outputs, time.perf_counter() - start), [o.text for o in outputs]
+
+    def close(self):
+        """Frees the engine (the server process needs a GPU's memory); idempotent."""
+        if self.engine is None:
+            return
+        self.engine.shutdown()   # tensor-parallel workers, if any
+        self.engine = None
+        gc.collect()
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.empty_cache()
 
 
 def summarize_offline(outputs, elapsed: float) -> dict:
@@ -122,10 +142,13 @@ def summarize_offline(outputs, elapsed: float) -> dict:
 class Server:
     """`python -m xverse_engine.serve` on a free loopback port, until stop()."""
 
-    def __init__(self, flags: list, start_timeout: float = 1800):
+    def __init__(self, flags: list, start_timeout: float = 1800, torch_threads: int = None):
+        env = dict(os.environ)
+        if torch_threads is not None:
+            env["OMP_NUM_THREADS"] = str(torch_threads)
         self.proc = subprocess.Popen([sys.executable, "-m", "xverse_engine.serve", "--host", HOST, "--port", "0",
                                       "--log-level", "warning", *flags], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
         self.lines = []
         port = threading.Event()
         threading.Thread(target=self._read, args=(port,), daemon=True).start()
@@ -176,7 +199,8 @@ class Server:
 
 # ---- the client ------------------------------------------------------------------------------------------------
 async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
-    """One streaming /v1/completions: TTFT, end-to-end latency and the token count of its usage."""
+    """One streaming /v1/completions, read as raw bytes: only its start, first-text and end times are taken while
+    it runs (the client shares the CPU with the server); read_stream parses it after the level."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
@@ -189,30 +213,54 @@ async def stream_completion(port: int, prompt: list, max_tokens: int) -> dict:
             pass
         if len(status) < 2 or status[1] != b"200":
             return {"error": f"HTTP {status[1:2]}: {(await reader.read())[:200]!r}"}
-        first_token, usage, buffer = None, None, b""
-        while True:   # chunked transfer encoding, carrying server-sent events
-            size = int((await reader.readline()).strip() or b"0", 16)
-            if size == 0:
-                break
-            buffer += (await reader.readexactly(size + 2))[:-2]
-            *events, buffer = buffer.split(b"\n\n")
-            for event in events:   # parsed only where needed: the client shares the CPU with the server
-                data = event[len(b"data: "):]
-                if data.startswith(b'{"error"'):
-                    return {"error": json.loads(data)["error"]["message"]}
-                if first_token is None and b'"text": ""' not in data and b'"choices": []' not in data \
-                        and data != b"[DONE]":
-                    first_token = time.perf_counter()
-                if b'"usage": {' in data:
-                    usage = json.loads(data)["usage"]
+        first_text, raw = None, bytearray()
+        while chunk := await reader.read(1 << 16):   # Connection: close, so the body ends with the connection
+            if first_text is None and has_text(bytes(raw[-16:]) + chunk):
+                first_text = time.perf_counter()
+            raw += chunk
     finally:
         writer.close()
-    end = time.perf_counter()
+    return {"start": start, "first_text": first_text, "end": time.perf_counter(), "raw": bytes(raw)}
+
+
+def has_text(data: bytes) -> bool:
+    """Whether a completion chunk with non-empty text is in `data`."""
+    at = data.find(b'"text": "')
+    while at != -1:
+        if data[at + 9:at + 10] not in (b'"', b""):
+            return True
+        at = data.find(b'"text": "', at + 1)
+    return False
+
+
+def read_stream(result: dict) -> dict:
+    """Parses a finished stream (chunked transfer encoding carrying server-sent events): its text, its usage's
+    token count, TTFT / TPOT / end-to-end latency, or its error."""
+    if "error" in result:
+        return result
+    raw, body, at = result["raw"], [], 0
+    while True:
+        eol = raw.find(b"\r\n", at)
+        size = int(raw[at:eol], 16) if eol > at else 0
+        if size == 0:
+            break
+        body.append(raw[eol + 2:eol + 2 + size])
+        at = eol + 2 + size + 2
+    text, usage = [], None
+    for event in b"".join(body).split(b"\n\n"):
+        data = event[len(b"data: "):]
+        if not data or data == b"[DONE]":
+            continue
+        payload = json.loads(data)
+        if "error" in payload:
+            return {"error": payload["error"]["message"]}
+        text += [choice["text"] for choice in payload["choices"]]
+        usage = payload.get("usage") or usage
+    start, end = result["start"], result["end"]
+    first = result["first_text"] or end
     tokens = usage["completion_tokens"] if usage else 0
-    result = {"ttft": (first_token or end) - start, "e2e": end - start, "output_tokens": tokens,
-              "start": start, "end": end}
-    result["tpot"] = (end - (first_token or end)) / (tokens - 1) if tokens > 1 else None
-    return result
+    return {"ttft": first - start, "e2e": end - start, "tpot": (end - first) / (tokens - 1) if tokens > 1 else None,
+            "output_tokens": tokens, "start": start, "end": end, "text": "".join(text)}
 
 
 async def run_level(port: int, prompts: list, max_tokens: int, *, concurrency=None, rate=None, seed=0,
@@ -231,7 +279,8 @@ async def run_level(port: int, prompts: list, max_tokens: int, *, concurrency=No
         delays.append(t)
         if rate and rate != float("inf"):
             t += rng.expovariate(rate)
-    return await asyncio.wait_for(asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays))), timeout)
+    results = await asyncio.wait_for(asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays))), timeout)
+    return [read_stream(r) for r in results]   # parsed once all are done, so parsing takes no CPU from the server
 
 
 def percentiles(values: list) -> dict:
@@ -261,7 +310,9 @@ def print_report(payload: dict):
           f"{off['requests_per_s']:.2f} req/s")
     print(f"server at saturation:    {sat['output_tokens_per_s']:.1f} output tok/s, {sat['requests_per_s']:.2f} req/s"
           f" -> {100 * payload['saturation_fraction_of_offline']:.1f}% of offline; the engine thread was stepping "
-          f"{100 * sat['engine_busy_fraction']:.1f}% of that time\n")
+          f"{100 * sat['engine_busy_fraction']:.1f}% of that time; median over pairs of runs on the same requests: "
+          f"{100 * payload['saturation_fraction_median_of_pairs']:.1f}%; streamed texts equal to offline: "
+          f"{sat['all_outputs_equal_offline']} of {sat['requests']} per run\n")
     rows = []
     for level in [sat] + payload["levels"]:
         rows.append({"load": level["load"], "rps": level["requests_per_s"], "tps": level["output_tokens_per_s"],
@@ -331,24 +382,51 @@ def main(argv=None) -> dict:
     # one fresh prompt set per repeat (the same sets offline and served), so no run finds another's prefix cache
     saturation_sets = [make_prompts(n, args.input_len, vocab, 1000 * (seed + 1) + r) for r in range(args.repeats)]
 
-    print(f"offline: {n} requests through Engine.generate ...", file=sys.stderr)
-    offline = run_offline(args, saturation_sets)
+    load_before = os.getloadavg()   # a shared machine: say how busy it was
+    import torch
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    threads = torch.get_num_threads()   # the server gets the same (OMP_NUM_THREADS)
+
+    print(f"offline engine ({threads} torch threads) ...", file=sys.stderr)
+    offline = Offline(args, saturation_sets[0][:2])
+    device = str(offline.device)
+    # On a CPU both engines fit in memory, so each offline run goes just before the server's run of the same
+    # requests: the pair sees the same load from whatever else shares the machine. A GPU holds one engine, so
+    # there the offline runs come first and the engine is freed before the server starts.
+    interleaved = offline.device.type == "cpu"
+    offline_runs = [] if interleaved else [offline.run(prompts) for prompts in saturation_sets]
+    if not interleaved:
+        offline.close()
     print("starting the server ...", file=sys.stderr)
-    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n))])
+    server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n)),
+                                          "--stream-interval", str(args.stream_interval)], torch_threads=threads)
     try:
         asyncio.run(run_level(server.port, saturation_sets[0][:2], 4))   # warm-up, as offline
-        print("server at saturation (all requests at once) ...", file=sys.stderr)
+        print(f"offline and server at saturation (all requests at once), {args.repeats} times ...", file=sys.stderr)
         runs = []
-        for prompts in saturation_sets:
+        for r, prompts in enumerate(saturation_sets):
+            if interleaved:
+                offline_runs.append(offline.run(prompts))
             busy = server.engine_step_seconds()
-            run = summarize_level(asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout)),
-                                  {"mode": "saturation", "load": f"all {n}"})
+            results = asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout))
+            run = summarize_level(results, {"mode": "saturation", "load": f"all {n}"})
             # the share of the wall time the engine thread spent stepping: what the server leaves idle
             run["engine_busy_fraction"] = (server.engine_step_seconds() - busy) / run["duration_s"]
+            # greedy: every streamed text must equal offline's for the same prompt
+            run["outputs_equal_offline"] = sum("error" not in res and res["text"] == text
+                                               for res, text in zip(results, offline_runs[r][1]))
+            run["fraction_of_paired_offline"] = run["output_tokens_per_s"] / offline_runs[r][0]["output_tokens_per_s"]
             runs.append(run)
+        offline.close()
+        off = [summary for summary, _ in offline_runs]
+        offline_best = {**max(off, key=lambda o: o["output_tokens_per_s"]),
+                        "all_output_tokens_per_s": [o["output_tokens_per_s"] for o in off], "device": device}
         saturation = {**max(runs, key=lambda r: r["output_tokens_per_s"]),
                       "all_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs],
-                      "all_engine_busy_fraction": [r["engine_busy_fraction"] for r in runs]}
+                      "all_engine_busy_fraction": [r["engine_busy_fraction"] for r in runs],
+                      "all_outputs_equal_offline": [r["outputs_equal_offline"] for r in runs],
+                      "all_fraction_of_paired_offline": [r["fraction_of_paired_offline"] for r in runs]}
         levels = []
         plan = [("concurrency", c) for c in args.concurrency] + [("request_rate", r) for r in args.request_rate]
         for i, (mode, value) in enumerate(plan):
@@ -360,21 +438,25 @@ def main(argv=None) -> dict:
             levels.append(summarize_level(results, {"mode": mode, "value": value, "load": load}))
     finally:
         server.stop()
+        offline.close()
 
-    import torch
-    device = offline["device"]
     payload = {
         "benchmark": "serve_bench",
-        "machine": {**machine_info(device), "cpu_count": os.cpu_count()},
+        "machine": {**machine_info(device), "cpu_count": os.cpu_count(),
+                    "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()}},
         "engine": {"model": args.model or "tiny-xverse-moe (embedded)", "load_format": args.load_format,
                    "device": device, "dtype": args.dtype, "kernels": args.kernels, "max_num_seqs": args.max_num_seqs,
-                   "torch_threads": torch.get_num_threads()},
+                   "torch_threads": {"offline": threads, "server": threads}},
+        "server": {"stream_interval": args.stream_interval},
         "workload": {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len,
                      "repeats": args.repeats,
-                     "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions"},
-        "offline": offline,
+                     "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions, raw bytes parsed after each level"},
+        "offline": offline_best,
         "saturation": saturation,
-        "saturation_fraction_of_offline": saturation["output_tokens_per_s"] / offline["output_tokens_per_s"],
+        "runs": "offline and server interleaved, pair by pair" if interleaved else "offline first, then the server",
+        # best server run over best offline run; and the median over pairs of (server / offline on the same requests)
+        "saturation_fraction_of_offline": saturation["output_tokens_per_s"] / offline_best["output_tokens_per_s"],
+        "saturation_fraction_median_of_pairs": statistics.median(saturation["all_fraction_of_paired_offline"]),
         "levels": levels,
     }
     print_report(payload)

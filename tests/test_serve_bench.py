@@ -15,7 +15,7 @@ from benchmarks import serve_bench  # noqa: E402
 def test_serve_bench_json_and_plot(tmp_path):
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     payload = serve_bench.main(["--device", "cpu", "--num-prompts", "3", "--input-len", "5", "--output-len", "4",
-                                "--concurrency", "1", "--request-rate", "50,inf", "--repeats", "1",
+                                "--concurrency", "1", "--request-rate", "50,inf", "--repeats", "2", "--torch-threads", "1",
                                 "--json", str(out), "--plot", str(png)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(payload))
@@ -34,3 +34,10 @@ def test_serve_bench_json_and_plot(tmp_path):
     assert saved["saturation_fraction_of_offline"] == pytest.approx(
         saturation["output_tokens_per_s"] / offline["output_tokens_per_s"])
     assert 0 < saturation["engine_busy_fraction"] <= 1.05
+    # a fair comparison: the same torch threads on both sides, each server run right after offline's on the
+    # same requests, and the server's streamed texts checked against offline's
+    assert saved["engine"]["torch_threads"] == {"offline": 1, "server": 1}
+    assert saved["runs"] == "offline and server interleaved, pair by pair"
+    assert saturation["all_outputs_equal_offline"] == [3, 3]
+    pairs = saturation["all_fraction_of_paired_offline"]
+    assert len(pairs) == 2 and saved["saturation_fraction_median_of_pairs"] == pytest.approx(sum(pairs) / 2)

@@ -30,7 +30,7 @@ from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import OutputText
 from .model_runner import ModelRunner
-from .outputs import RequestMetrics, RequestOutput, StreamDelta
+from .outputs import RequestDelta, RequestMetrics, RequestOutput, StreamDelta
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -156,6 +156,7 @@ class Engine:
         self._last_log = time.perf_counter()
         self._next_request_id = 0
         self._requests = {}      # request id -> Request
+        self._num_taken = {}     # request id -> output tokens handed out by take_delta
         self.num_generated_tokens = 0
         logger.info("engine ready: %s on %s (%s, kernels=%s), %d KV blocks of %d tokens, max_model_len=%d",
                     self.model_path, self.device, str(self.dtype).replace("torch.", ""), self.kernels,
@@ -288,7 +289,30 @@ class Engine:
         output = self._output(request_id)
         if release and output.finished:
             del self._requests[request_id]
+            self._num_taken.pop(request_id, None)
         return output
+
+    def take_delta(self, request_id: int) -> RequestDelta:
+        """What a request added with add_request produced since the previous take_delta: each token, logprob
+        and character exactly once, without copying what was handed out before (a server calls this for every
+        request it touched, every step). Text that could still grow into a stop string is held back until it
+        cannot. The delta that says finished carries the metrics, and the request is forgotten then."""
+        if request_id not in self._requests:
+            raise KeyError(f"no request {request_id} (unknown, or already finished and taken)")
+        seq, text, _ = self._requests[request_id]
+        taken = self._num_taken.get(request_id, 0)
+        start = seq.num_prompt_tokens + taken
+        token_ids = seq.token_ids[start:]
+        logprobs = seq.logprobs[taken:] if seq.params.logprobs is not None else []
+        finished = seq.is_finished
+        delta = RequestDelta(request_id, text.take_delta(final=finished), token_ids, logprobs, finished,
+                             seq.finish_reason, seq.error, self._metrics_of(seq) if finished else None)
+        if finished:
+            del self._requests[request_id]
+            self._num_taken.pop(request_id, None)
+        else:
+            self._num_taken[request_id] = taken + len(token_ids)
+        return delta
 
     def _output(self, request_id: int) -> RequestOutput:
         seq, text, _ = self._requests[request_id]

@@ -55,3 +55,16 @@ class StreamDelta:
     finished: bool
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+
+
+@dataclass
+class RequestDelta:
+    """What one request produced since its previous Engine.take_delta."""
+    request_id: int
+    text: str                                 # new text (a tail that may start a stop string waits)
+    token_ids: list                           # new tokens
+    logprobs: list                            # TokenLogprob per new token when SamplingParams.logprobs is set
+    finished: bool
+    finish_reason: Optional[str] = None       # "stop" | "length" | "abort" | "error"; None while running
+    error: Optional[str] = None
+    metrics: Optional[RequestMetrics] = None  # on the finished delta only

@@ -39,6 +39,18 @@ def sse(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class ChunkEncoder:
+    """The SSE chunks of one stream. The fields every chunk repeats (id, object, created, model, and usage: null)
+    are encoded once; a chunk encodes only its choices, so a token costs one small json.dumps."""
+
+    def __init__(self, meta: dict, include_usage: bool):
+        self.head = "data: " + json.dumps(meta, ensure_ascii=False)[:-1] + ', "choices": ['
+        self.tail = '], "usage": null}\n\n' if include_usage else "]}\n\n"
+
+    def chunk(self, choice: dict) -> str:
+        return self.head + json.dumps(choice, ensure_ascii=False) + self.tail
+
+
 async def wait_for_disconnect(receive):
     """Returns when the client has gone (the request body was read already, so only that message is left)."""
     while (await receive())["type"] != "http.disconnect":
@@ -85,8 +97,11 @@ class OpenAIServer:
     """Routes of one server: the model it serves, its key, its engine loop and its metrics."""
 
     def __init__(self, engine_loop: EngineLoop, metrics: ServerMetrics, served_model_name: str,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.loop, self.metrics = engine_loop, metrics
+        self.stream_interval = stream_interval   # tokens per SSE chunk at most (the first token comes alone)
         self.model_name, self.api_key = served_model_name, api_key
         self.created = int(time.time())
         self._token_texts = {}       # token id -> its text, for logprobs (at most the vocabulary)
@@ -144,8 +159,9 @@ class OpenAIServer:
                            param=param, code="context_length_exceeded")
         return ids
 
-    def submit(self, inputs: list) -> RequestGroup:
-        group = RequestGroup(inputs, asyncio.get_running_loop())
+    def submit(self, inputs: list, stream: bool) -> RequestGroup:
+        # a stream is woken every stream_interval tokens; a call that answers at once only when a choice ends
+        group = RequestGroup(inputs, asyncio.get_running_loop(), self.stream_interval if stream else None)
         try:
             self.loop.submit(group)
         except ServerBusy as error:
@@ -215,7 +231,7 @@ class OpenAIServer:
         engine = self.engine()
         self.check_model(req.model)
         prompts_ids = [self.prompt_ids(engine, p, req.max_tokens, "prompt") for p in req.prompts()]
-        group = self.submit(self.sampling_inputs(req, prompts_ids, req.logprobs))
+        group = self.submit(self.sampling_inputs(req, prompts_ids, req.logprobs), req.stream)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
@@ -229,14 +245,17 @@ class OpenAIServer:
         return json_response({**meta, "choices": choices, "usage": usage})
 
     async def completion_events(self, engine, req, group, prompts_ids, meta) -> AsyncIterator[str]:
+        """One SSE chunk per choice per wake-up: the deltas of every step the handler missed arrive merged, so a
+        stream that falls behind sends fewer, larger chunks instead of queueing one per token."""
         offsets = [0] * len(group)          # text offset of each choice, for logprobs
         completion_tokens = 0
-        usage_field = {"usage": None} if req.include_usage else {}
+        chunks = ChunkEncoder(meta, req.include_usage)
         while not group.finished:
+            events = []
             for index, delta in await group.next():
                 completion_tokens += len(delta.token_ids)
                 if delta.finish_reason == "error":
-                    yield sse(APIError(500, f"the request failed: {delta.error}", code="engine_error").body())
+                    events.append(sse(APIError(500, f"the request failed: {delta.error}", code="engine_error").body()))
                     continue
                 if not (delta.text or delta.finished or (req.logprobs is not None and delta.token_ids)):
                     continue  # tokens that are not text yet (a character split across byte tokens)
@@ -244,9 +263,10 @@ class OpenAIServer:
                 if req.logprobs is not None:
                     logprobs = self.completion_logprobs(engine, delta, offsets[index])
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
-                choice = {"index": index, "text": delta.text, "logprobs": logprobs,
-                          "finish_reason": finish_reason_of(delta)}
-                yield sse({**meta, "choices": [choice], **usage_field})
+                events.append(chunks.chunk({"index": index, "text": delta.text, "logprobs": logprobs,
+                                            "finish_reason": finish_reason_of(delta)}))
+            if events:
+                yield "".join(events)
         if req.include_usage:
             yield sse({**meta, "choices": [], "usage": self.usage(prompts_ids, completion_tokens)})
         yield "data: [DONE]\n\n"
@@ -270,7 +290,7 @@ class OpenAIServer:
         self.check_model(req.model)
         prompts_ids = [self.prompt_ids(engine, req.prompt_text(), req.max_tokens, "messages")]
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        group = self.submit(self.sampling_inputs(req, prompts_ids, logprobs))
+        group = self.submit(self.sampling_inputs(req, prompts_ids, logprobs), req.stream)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
@@ -286,22 +306,23 @@ class OpenAIServer:
 
     async def chat_events(self, engine, req, group, prompts_ids, meta) -> AsyncIterator[str]:
         completion_tokens = 0
-        usage_field = {"usage": None} if req.include_usage else {}
-        for index in range(len(group)):
-            yield sse({**meta, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}], **usage_field})
+        chunks = ChunkEncoder(meta, req.include_usage)
+        yield "".join(chunks.chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}) for index in range(len(group)))
         while not group.finished:
+            events = []
             for index, delta in await group.next():
                 completion_tokens += len(delta.token_ids)
                 if delta.finish_reason == "error":
-                    yield sse(APIError(500, f"the request failed: {delta.error}", code="engine_error").body())
+                    events.append(sse(APIError(500, f"the request failed: {delta.error}", code="engine_error").body()))
                     continue
                 if not (delta.text or delta.finished or (req.logprobs and delta.token_ids)):
                     continue
-                choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": self.chat_logprobs(engine, delta) if req.logprobs else None,
-                          "finish_reason": finish_reason_of(delta)}
-                yield sse({**meta, "choices": [choice], **usage_field})
+                events.append(chunks.chunk({"index": index, "delta": {"content": delta.text} if delta.text else {},
+                                            "logprobs": self.chat_logprobs(engine, delta) if req.logprobs else None,
+                                            "finish_reason": finish_reason_of(delta)}))
+            if events:
+                yield "".join(events)
         if req.include_usage:
             yield sse({**meta, "choices": [], "usage": self.usage(prompts_ids, completion_tokens)})
         yield "data: [DONE]\n\n"
@@ -337,10 +358,10 @@ class OpenAIServer:
 
 
 def create_app(engine_loop: EngineLoop, metrics: ServerMetrics, served_model_name: str,
-               api_key: Optional[str] = None) -> FastAPI:
+               api_key: Optional[str] = None, stream_interval: int = 1) -> FastAPI:
     """The ASGI app. Its lifespan starts the engine thread (the model loads while /health answers 503) and
     stops it at shutdown, after uvicorn's grace period for the requests in flight."""
-    server = OpenAIServer(engine_loop, metrics, served_model_name, api_key)
+    server = OpenAIServer(engine_loop, metrics, served_model_name, api_key, stream_interval)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
 

@@ -49,16 +49,22 @@ class RequestGroup:
     """The engine requests of one HTTP call (prompts x n choices) and the one wake-up its handler waits on.
 
     put() runs on the engine thread, next() on the asyncio loop; a lock guards the mailboxes, and at most one
-    wake-up is asked for until the handler has looked."""
+    wake-up is asked for until the handler has looked. `wake_every` tokens: the handler is woken when a choice
+    has its first token, or this many new tokens, or finished (a stream's chunk size: fewer wake-ups and SSE
+    writes per token); None wakes it only when a choice finished (a call that answers all at once)."""
 
-    def __init__(self, inputs: list, loop: asyncio.AbstractEventLoop):
+    def __init__(self, inputs: list, loop: asyncio.AbstractEventLoop, wake_every: Optional[int] = 1):
+        if wake_every is not None and wake_every < 1:
+            raise ValueError(f"wake_every must be >= 1 or None, got {wake_every}")
         self.inputs = inputs                    # [(prompt_token_ids, SamplingParams)] in choice order
         self.request_ids = []                   # engine ids, filled by the engine thread
+        self.wake_every = wake_every
         self._loop = loop
         self._lock = threading.Lock()
         self._event = asyncio.Event()
         self._wake_pending = False
         self._mailboxes = [None] * len(inputs)  # index -> merged Delta not yet taken
+        self._started = [False] * len(inputs)   # index -> its first token was announced
         self._open = len(inputs)                # choices not yet finished, as seen by next()
 
     def __len__(self):
@@ -73,11 +79,15 @@ class RequestGroup:
         with self._lock:
             box = self._mailboxes[index]
             if box is None:
-                self._mailboxes[index] = delta
+                self._mailboxes[index] = box = delta
             else:
                 box.merge(delta)
-            wake = not self._wake_pending
-            self._wake_pending = True
+            due = box.finished
+            if not due and self.wake_every is not None and box.token_ids:
+                due = len(box.token_ids) >= self.wake_every or not self._started[index]
+                self._started[index] = True
+            wake = due and not self._wake_pending
+            self._wake_pending = self._wake_pending or due
         return wake
 
     @staticmethod
@@ -110,35 +120,10 @@ def _set_all(events: list):
         event.set()
 
 
-def held_back_length(text: str, stops: list) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string (not sent yet)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
-class _Tracked:
-    """The engine thread's bookkeeping of one engine request: where its output goes, what was sent."""
-    __slots__ = ("group", "index", "stops", "chars", "tokens", "logprobs")
-
-    def __init__(self, group: RequestGroup, index: int, stops: list):
-        self.group, self.index, self.stops = group, index, stops
-        self.chars = self.tokens = self.logprobs = 0
-
-    def take(self, output) -> Delta:
-        end = len(output.text) if output.finished else len(output.text) - held_back_length(output.text, self.stops)
-        text = output.text[self.chars:end] if end > self.chars else ""
-        self.chars = max(self.chars, end)
-        tokens = output.token_ids[self.tokens:]
-        self.tokens += len(tokens)
-        logprobs = output.logprobs[self.logprobs:] if output.logprobs else []
-        self.logprobs += len(logprobs)
-        return Delta(text, tokens, logprobs, output.finished, output.finish_reason, output.error,
-                     output.metrics if output.finished else None)
+def delta_of(engine_delta) -> Delta:
+    """The mailbox form of an Engine.take_delta result."""
+    d = engine_delta
+    return Delta(d.text, d.token_ids, d.logprobs, d.finished, d.finish_reason, d.error, d.metrics)
 
 
 class EngineLoop:
@@ -165,7 +150,7 @@ class EngineLoop:
         self._ready = False
         self._draining = False
         self._stopping = False
-        self._tracked = {}               # engine request id -> _Tracked
+        self._tracked = {}               # engine request id -> (RequestGroup, choice index)
         self._stats = {}
         self._thread = threading.Thread(target=self._run, name="xverse-engine", daemon=True)
 
@@ -264,7 +249,7 @@ class EngineLoop:
                 else:
                     self._abort(engine, group)
             if stopping:
-                for group in {t.group for t in self._tracked.values()}:
+                for group in {group for group, _ in self._tracked.values()}:
                     self._abort(engine, group)
                 self._publish_stats()
                 return False
@@ -288,20 +273,24 @@ class EngineLoop:
                     RequestGroup.wake_all([group])
                 continue
             group.request_ids.append(request_id)
-            self._tracked[request_id] = _Tracked(group, index, params.stop)
+            self._tracked[request_id] = (group, index)
 
     def _deliver(self, engine, request_ids):
+        """Hands each touched request's new output to its mailbox (only what is new: Engine.take_delta), then
+        wakes the handlers with one thread-safe call for the whole step."""
         to_wake = []
+        tracked = self._tracked
         for request_id in request_ids:
-            tracked = self._tracked.get(request_id)
-            if tracked is None:
+            target = tracked.get(request_id)
+            if target is None:
                 continue
-            output = engine.get_output(request_id)   # a finished request is released here
-            if tracked.group.put(tracked.index, tracked.take(output)):
-                to_wake.append(tracked.group)
-            if output.finished:
-                del self._tracked[request_id]
-                self._on_finished(output)
+            group, index = target
+            delta = engine.take_delta(request_id)   # a finished request is released here
+            if group.put(index, delta_of(delta)):
+                to_wake.append(group)
+            if delta.finished:
+                del tracked[request_id]
+                self._on_finished(delta)
         RequestGroup.wake_all(to_wake)
 
     def _abort(self, engine, group: RequestGroup):
@@ -311,14 +300,14 @@ class EngineLoop:
                 self._deliver(engine, [request_id])
 
     def _fail_all(self, engine, message: str):
-        for request_id, tracked in list(self._tracked.items()):
+        for request_id, (group, index) in list(self._tracked.items()):
             try:
                 engine.abort(request_id)
-                engine.get_output(request_id)
+                engine.take_delta(request_id)   # releases it
             except Exception:  # noqa: BLE001 (the engine is already in trouble; the client still gets told)
                 logger.exception("could not abort request %d", request_id)
-            if tracked.group.put(tracked.index, Delta(finished=True, finish_reason="error", error=message)):
-                RequestGroup.wake_all([tracked.group])
+            if group.put(index, Delta(finished=True, finish_reason="error", error=message)):
+                RequestGroup.wake_all([group])
             del self._tracked[request_id]
 
     def _publish_stats(self):

@@ -55,7 +55,7 @@ class ServerMetrics:
         self.steps.inc()
 
     def observe_finished(self, output):
-        """A finished RequestOutput (engine thread)."""
+        """The final delta of a finished request (engine thread): its finish_reason and metrics."""
         m = output.metrics
         self.requests_finished.labels(output.finish_reason).inc()
         self.prompt_tokens.inc(m.num_prompt_tokens)
