@@ -112,6 +112,18 @@ def test_reshape_and_cache(device, block_size, head_dim, dtype):
     assert torch.equal(key_cache[blocks, :, offsets], key[slots >= 0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reshape_and_cache_writes_slot_zero(device):
+    """Slot 0 is the first slot of block 0, a real slot: only negative slots are padding."""
+    gen = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(3, 2, 8, generator=gen).to(device) for _ in range(2))
+    key_cache, value_cache = (torch.zeros(2, 2, 4, 8, device=device) for _ in range(2))
+    slots = torch.tensor([0, -1, 5], device=device)
+    torch.ops.xverse.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache[0, :, 0], key[0]) and torch.equal(value_cache[0, :, 0], value[0])
+    assert torch.equal(key_cache[1, :, 1], key[2]) and torch.equal(value_cache[1, :, 1], value[2])
+
+
 def test_reshape_and_cache_rejects_bad_args():
     key = torch.randn(3, 2, 80)
     cache = torch.zeros(4, 2, 16, 80)
