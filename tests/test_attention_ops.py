@@ -112,6 +112,18 @@ def test_reshape_and_cache(device, block_size, head_dim, dtype):
     assert torch.equal(key_cache[blocks, :, offsets], key[slots >= 0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reshape_and_cache_writes_slot_zero(device):
+    """Slot 0 is the first slot of block 0, a real slot: only negative slots are padding."""
+    gen = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(3, 2, 8, generator=gen).to(device) for _ in range(2))
+    key_cache, value_cache = (torch.zeros(2, 2, 4, 8, device=device) for _ in range(2))
+    slots = torch.tensor([0, -1, 5], device=device)
+    torch.ops.xverse.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache[0, :, 0], key[0]) and torch.equal(value_cache[0, :, 0], value[0])
+    assert torch.equal(key_cache[1, :, 1], key[2]) and torch.equal(value_cache[1, :, 1], value[2])
+
+
 def test_reshape_and_cache_rejects_bad_args():
     key = torch.randn(3, 2, 80)
     cache = torch.zeros(4, 2, 16, 80)
@@ -152,6 +164,19 @@ def test_decode_short_and_empty(device, dtype):
     """Capacity <= one partition (the CUDA single-pass path), and context_len 0 giving zeros."""
     out = decode_case(device, 16, 80, (32, 32), dtype, contexts=[0, 1, 15, 16, 17, 300, 0])
     assert (out[0] == 0).all() and (out[-1] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_with_scores_in_the_hundreds(device):
+    """exp() of a score above ~88 overflows fp32: the softmax must subtract the row's max first."""
+    key_cache, value_cache, tables, lens, gen = paged_batch([37, 300], 8, 2, 64, 16, torch.float32, device)
+    query = (torch.randn(2, 8, 64, generator=gen) * 100).to(device)
+    scale = 64 ** -0.5
+    scores = torch.einsum("hd,hkd->hk", query[0].cpu(), key_cache[tables[0, 0].item()].cpu().repeat_interleave(4, dim=0))
+    assert (scores * scale).abs().max() > 200      # the case the test is about
+    expected = attn.paged_attention_decode_torch(query, key_cache, value_cache, tables, lens, scale)
+    actual = torch.ops.xverse.paged_attention_decode(query, key_cache, value_cache, tables, lens, scale)
+    assert_close(actual, expected, torch.float32, "decode with large scores")
 
 
 @pytest.mark.parametrize("device", DEVICES)

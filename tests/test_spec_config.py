@@ -56,6 +56,12 @@ def test_a_moe_config_without_shared_experts_has_none():
     assert ModelConfig.from_dict({k: v for k, v in MOE.items() if k != "moe_top_k"} | {"moe_top_k": 1}).moe_top_k == 1
 
 
+def test_a_moe_config_without_moe_top_k_is_refused():
+    """No default number of routed experts per token: a MoE config must say it (the error names the key)."""
+    with pytest.raises(ConfigError, match=r"moe_top_k.*got 0"):
+        ModelConfig.from_dict({k: v for k, v in MOE.items() if k != "moe_top_k"})
+
+
 # (overrides that are still valid, overrides one step past the limit, the field the error must name[, words])
 LIMITS = [
     ({"vocab_size": 1, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}, {"vocab_size": 0}, "vocab_size"),
