@@ -35,6 +35,7 @@ CPU_SHAPES = [(1, 256), (2, 512), (4, 256)]  # decode (batch, context) on the CP
 GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_DIM = 32, 8, 128  # grouped-query decode: 4 query heads per KV head
 GPU_GQA_DECODE = [(1, 8192), (64, 1024)]
 CPU_GQA_SHAPES = [(1, 64), (2, 33)]
+VS_SDPA = [("speedup_vs_sdpa", "speedup", "{:.2f}x"), ("max_abs_diff_vs_sdpa", "max diff", "{:.1e}")]  # table columns
 # Datasheet rooflines for the arithmetic printed without a GPU (dense bf16 FLOP/s, HBM bytes/s).
 DATASHEET = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 # Largest |paged - SDPA| allowed. Both read the same K/V values; they differ by summation order and by the
@@ -281,8 +282,7 @@ def main(argv=None):
             ("sdpa_tflops", "TFLOP/s", "{:.2f}"), ("sdpa_frac_peak", "of peak", "{:.0%}")]
     if has_fa:
         cols += [("flash_attn_us", "FA us", "{:.1f}"), ("flash_attn_tflops", "TFLOP/s", "{:.2f}")]
-    print_table(prefill_rows, cols + [("speedup_vs_sdpa", "speedup", "{:.2f}x"),
-                                      ("max_abs_diff_vs_sdpa", "max diff", "{:.1e}")])
+    print_table(prefill_rows, cols + VS_SDPA)
 
     print(f"\ndecode, {args.dtype}, block_size {args.block_size}; measured memory bandwidth "
           f"{hbm / 1e9:.0f} GB/s ({args.device})")
@@ -292,12 +292,10 @@ def main(argv=None):
             ("sdpa_gbps", "GB/s", "{:.0f}"), ("sdpa_frac_hbm", "of HBM", "{:.0%}")]
     if has_fa:
         cols += [("flash_attn_us", "FA us", "{:.1f}"), ("flash_attn_gbps", "GB/s", "{:.0f}")]
-    print_table(decode_rows, cols + [("speedup_vs_sdpa", "speedup", "{:.2f}x"),
-                                     ("max_abs_diff_vs_sdpa", "max diff", "{:.1e}")])
+    print_table(decode_rows, cols + VS_SDPA)
     print(f"\ngrouped-query decode ({GQA_HEADS} query heads over {GQA_KV_HEADS} KV heads x {GQA_HEAD_DIM}), "
           f"{args.dtype}: GB/s over the unique K/V bytes (each KV byte once)")
-    print_table(gqa_rows, cols + [("speedup_vs_sdpa", "speedup", "{:.2f}x"),
-                                  ("max_abs_diff_vs_sdpa", "max diff", "{:.1e}")])
+    print_table(gqa_rows, cols + VS_SDPA)
     if not on_gpu:
         print("\nno GPU was lent for this run: every row above is CPU shape coverage; no roofline fraction is a "
               "GPU measurement")

@@ -168,7 +168,7 @@ class InputBatch:
         is_decode = total == batch
         fixed = self._fix(rows, None if is_decode else counts, sample_flags, sampling_seqs)
         # kept for the next steps when they can reuse it: the same sequences, each decoding its pending token
-        steady = is_decode and fixed.num_sampling == batch and pending_from == fixed.in_order
+        steady = is_decode and fixed.num_sampling == batch and pending_from == list(range(batch))
         self._fixed = fixed if steady else None
         if not pending_at:
             pending_at = pending_from = None
@@ -256,8 +256,7 @@ class InputBatch:
                                           top_p.view(np.int32), penalty.view(np.int32)])
         fixed = FixedInputs(rows=rows_np, rows_slice=_as_slice(rows_np), query_start=query_start,
                             query_start_d=query_start_d, sample_flags=flags, num_sampling=num_sampling,
-                            sample_rows_d=sample_rows_d, batch_rows_d=srows_d, in_order=list(range(batch)),
-                            seqs=sampling_seqs)
+                            sample_rows_d=sample_rows_d, batch_rows_d=srows_d, seqs=sampling_seqs)
         if not num_sampling:
             return fixed
         sampled = temperature > 0
@@ -290,7 +289,6 @@ class FixedInputs:
     num_sampling: int                # S
     sample_rows_d: torch.Tensor      # [S] int64
     batch_rows_d: torch.Tensor       # [S] int64: the sampling sequences' rows
-    in_order: list                   # [0, 1, ..., B - 1]
     seqs: list                       # the S sampling sequences, in order
     penalised: bool = False
     seen_rows: object = None         # the sampling rows of the penalty mask: a slice, or an index tensor
