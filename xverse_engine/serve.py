@@ -11,6 +11,7 @@ Then open http://127.0.0.1:8000/ in a browser, or:
       -d '{"model": "tiny-xverse-moe", "prompt": "The capital of France is", "max_tokens": 32}'
 """
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -41,6 +42,10 @@ def parse_args(argv=None):
                         "of the CPU under heavy load; the text is the same (default 1: every token)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to let requests in flight finish before aborting them")
+    s.add_argument("--engine-in-thread", action="store_true",
+                   help="for debugging: run the engine on a thread of the server process (one process to attach a "
+                        "debugger or profiler to) instead of its own process; slower under load, since the HTTP "
+                        "work then shares the engine's GIL")
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     demo = p.add_argument_group("the release demo's flags (text_generation_demo.py)")
@@ -67,26 +72,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def engine_factory(args, model_path: str):
-    """Builds the Engine (called on the engine thread)."""
-    def build():
-        from . import Engine
-        from .tokenizer import Tokenizer
-        engine = Engine(model_path, dtype=args.dtype, device=args.device, kernels=args.kernels,
-                        load_format=args.load_format, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, show_progress=False)
-        if args.tokenizer_path and os.path.realpath(args.tokenizer_path) != os.path.realpath(model_path):
-            tokenizer = Tokenizer(args.tokenizer_path)
-            if tokenizer.vocab_size > engine.config.vocab_size:
-                raise ValueError(f"--tokenizer_path {args.tokenizer_path} has {tokenizer.vocab_size} tokens, more "
-                                 f"than the model's vocab_size {engine.config.vocab_size}: is it the right one?")
-            engine.tokenizer = tokenizer
-        return engine
-    return build
+def engine_options(args, model_path: str) -> dict:
+    """The Engine's arguments as a plain dict (server/engine_core.build_engine builds it, in the engine's own
+    process or thread)."""
+    return dict(model=model_path, tokenizer_path=args.tokenizer_path, dtype=args.dtype, device=args.device,
+                kernels=args.kernels, load_format=args.load_format, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -119,7 +113,8 @@ def run(args) -> int:
     import uvicorn
 
     from .config import ModelConfig, resolve_model_path
-    from .server import EngineLoop, ServerMetrics, create_app
+    from .server import EngineLoop, EngineProcess, ServerMetrics, create_app
+    from .server.engine_core import build_engine
 
     model_path = resolve_model_path(args.model)
     ModelConfig.from_pretrained(model_path)   # a wrong path or config fails now, not after the server is up
@@ -137,9 +132,14 @@ def run(args) -> int:
         if server is not None:
             server.should_exit = True
 
-    loop = EngineLoop(engine_factory(args, model_path), max_waiting_requests=args.max_waiting_requests,
-                      on_stats=metrics.observe_stats, on_finished=metrics.observe_finished,
-                      on_step=metrics.observe_step, on_load_failure=stop_on_load_failure)
+    options = engine_options(args, model_path)
+    callbacks = dict(max_waiting_requests=args.max_waiting_requests, on_stats=metrics.observe_stats,
+                     on_finished=metrics.observe_finished, on_step=metrics.observe_step,
+                     on_load_failure=stop_on_load_failure)
+    if args.engine_in_thread:
+        loop = EngineLoop(functools.partial(build_engine, options), **callbacks)
+    else:
+        loop = EngineProcess(options, **callbacks)
     app = create_app(loop, metrics, name, api_key=args.api_key, stream_interval=args.stream_interval)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5)

@@ -1,6 +1,9 @@
-"""The OpenAI-compatible HTTP server (python -m xverse_engine.serve): engine thread, routes, metrics, page."""
+"""The OpenAI-compatible HTTP server (python -m xverse_engine.serve): the engine's process (or thread), routes,
+metrics, page."""
 from .app import create_app
-from .engine_loop import EngineLoop, NotReady, RequestGroup, ServerBusy
+from .engine_loop import EngineLoop
+from .engine_process import EngineProcess
+from .mailbox import NotReady, RequestGroup, ServerBusy
 from .metrics import ServerMetrics
 
-__all__ = ["create_app", "EngineLoop", "NotReady", "RequestGroup", "ServerBusy", "ServerMetrics"]
+__all__ = ["create_app", "EngineLoop", "EngineProcess", "NotReady", "RequestGroup", "ServerBusy", "ServerMetrics"]

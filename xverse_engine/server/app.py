@@ -1,4 +1,5 @@
-"""The HTTP side: OpenAI-compatible routes over an EngineLoop, the demo page, health and metrics.
+"""The HTTP side: OpenAI-compatible routes over an engine loop (EngineProcess, or EngineLoop: the same
+interface), the demo page, health and metrics.
 
 Handlers run on the asyncio loop and never touch the Engine's state: they tokenize and check a request,
 submit it as a RequestGroup, and turn its deltas into OpenAI JSON (or SSE chunks). A client that goes away
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine_loop import Delta, EngineLoop, NotReady, RequestGroup, ServerBusy
+from .mailbox import Delta, NotReady, RequestGroup, ServerBusy
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 
@@ -96,7 +97,7 @@ def finish_reason_of(delta: Delta) -> Optional[str]:
 class OpenAIServer:
     """Routes of one server: the model it serves, its key, its engine loop and its metrics."""
 
-    def __init__(self, engine_loop: EngineLoop, metrics: ServerMetrics, served_model_name: str,
+    def __init__(self, engine_loop, metrics: ServerMetrics, served_model_name: str,
                  api_key: Optional[str] = None, stream_interval: int = 1):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
@@ -357,10 +358,10 @@ class OpenAIServer:
         return json_response({"status": "ok"})
 
 
-def create_app(engine_loop: EngineLoop, metrics: ServerMetrics, served_model_name: str,
+def create_app(engine_loop, metrics: ServerMetrics, served_model_name: str,
                api_key: Optional[str] = None, stream_interval: int = 1) -> FastAPI:
-    """The ASGI app. Its lifespan starts the engine thread (the model loads while /health answers 503) and
-    stops it at shutdown, after uvicorn's grace period for the requests in flight."""
+    """The ASGI app. Its lifespan starts the engine's process or thread (the model loads while /health answers
+    503) and stops it at shutdown, after uvicorn's grace period for the requests in flight."""
     server = OpenAIServer(engine_loop, metrics, served_model_name, api_key, stream_interval)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()

@@ -1,0 +1,284 @@
+"""The API side of an engine in its own process (engine_core.py is the other side): the same interface as
+EngineLoop, so the app does not care which one it has.
+
+The engine core is a spawned child (CUDA needs spawn) joined by one multiprocessing Pipe. Its per-step messages
+are read on the asyncio loop itself (loop.add_reader on the pipe): the deltas go into the RequestGroup mailboxes
+and wake the handlers directly, with no thread and no lock contention on this side. Commands (add, abort, stop)
+go out through one small sender thread, so the event loop never blocks on a full pipe (and the two processes
+can never both wait on each other's full buffer). Admission is bounded as with EngineLoop: requests sent but not
+yet taken by the core, plus the engine's waiting queue, stay within max_waiting_requests (ServerBusy -> 503).
+
+If the core dies, the requests in flight end with an error and the server reports "failed" (503); a core that
+fails to load reports its own message through on_load_failure.
+"""
+import asyncio
+import atexit
+import logging
+import multiprocessing
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .engine_core import run_engine_core
+from .mailbox import Delta, NotReady, RequestGroup, ServerBusy
+
+logger = logging.getLogger("xverse_engine.serve")
+
+
+class EngineLoadError(RuntimeError):
+    """The engine core could not load the model; the message is the core's own."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP handlers read about an engine that runs in another process."""
+    model_path: str
+    config: object            # ModelConfig
+    tokenizer: object         # Tokenizer, or None for a checkpoint without one
+    max_model_len: int
+    generation_config: dict
+
+
+def load_engine_info(ready: dict, tokenizer_path: Optional[str]) -> EngineInfo:
+    """The core's ready message, plus the config and tokenizer this process loads itself (for token counts and
+    the vocabulary check of prompts)."""
+    from ..config import ModelConfig
+    from ..tokenizer import Tokenizer
+    model_path = ready["model_path"]
+    try:
+        tokenizer = Tokenizer(tokenizer_path or model_path)
+    except FileNotFoundError:
+        tokenizer = None   # token ids in and out still work
+    return EngineInfo(model_path, ModelConfig.from_pretrained(model_path), tokenizer, ready["max_model_len"],
+                      ready["generation_config"])
+
+
+class EngineProcess:
+    """Owns the engine core process. `options` are build_engine's (a plain dict: "model", "tokenizer_path" and
+    Engine keyword arguments). The callbacks are EngineLoop's; here they run on the asyncio loop."""
+
+    def __init__(self, options: dict, *, max_waiting_requests: int = 512, on_stats: Callable = None,
+                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
+        if max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        self.max_waiting_requests = max_waiting_requests
+        self._options = dict(options)
+        self._on_stats = on_stats or (lambda stats: None)
+        self._on_finished = on_finished or (lambda output: None)
+        self._on_step = on_step or (lambda seconds: None)
+        self._on_load_failure = on_load_failure or (lambda error: None)
+        self.engine: Optional[EngineInfo] = None
+        self.load_error: Optional[BaseException] = None
+        self.failure: Optional[str] = None   # why the core died after it had loaded
+        self._cond = threading.Condition()   # guards the state below and the outbox
+        self._ready = self._draining = self._stopping = False
+        self._outbox = []                    # commands for the sender thread; bounded by admission
+        self._in_transit = 0                 # requests sent in "add" commands the core has not taken yet
+        self._engine_waiting = 0             # the engine's waiting queue after its last step
+        self._targets = {}                   # request id -> (RequestGroup, choice index); event loop only
+        self._next_id = 0
+        self._stats = {}
+        self._loop = self._process = self._conn = None
+        self._closed = threading.Event()     # the connection is closed and every request answered
+        self._sender = threading.Thread(target=self._send_loop, name="xverse-engine-sender", daemon=True)
+
+    # ---- called from the HTTP side ---------------------------------------------------------------------
+    def start(self):
+        """Spawns the core; call it on the event loop that serves the requests (the app's lifespan does)."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("EngineProcess.start() must run on the asyncio loop of the HTTP handlers") from None
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        # not a daemon: a daemon may not have children, and tensor-parallel workers are the core's children
+        self._process = context.Process(target=run_engine_core, name="xverse-engine-core",
+                                        args=(child_end, self._options, logging.getLogger().getEffectiveLevel()))
+        self._process.start()
+        child_end.close()   # the core's end lives in the core only, so its exit reads as end-of-file here
+        logger.info("the engine runs in process %d", self._process.pid)
+        atexit.register(self._close_at_exit)   # runs before multiprocessing's exit handler joins the core
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._sender.start()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.failure is None and not self._draining and not self._stopping
+
+    def state(self) -> str:
+        if self.load_error is not None or self.failure is not None:
+            return "failed"
+        if self._draining or self._stopping:
+            return "shutting down"
+        return "ready" if self._ready else "loading"
+
+    def stats(self) -> dict:
+        """The engine's stats after its last step (running, waiting, kv blocks, ...)."""
+        return dict(self._stats)
+
+    def wait_ready(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ready or self.load_error is not None, timeout)
+
+    def submit(self, group: RequestGroup):
+        """Queues a group (on the event loop); raises NotReady or ServerBusy instead of letting the queue grow."""
+        with self._cond:
+            if not self.ready:
+                raise NotReady(f"the server is {self.state()}")
+            queued = self._in_transit + self._engine_waiting
+            if queued + len(group) > self.max_waiting_requests:
+                raise ServerBusy(f"the server is busy: {queued} requests are waiting (at most "
+                                 f"{self.max_waiting_requests}); retry later")
+            self._in_transit += len(group)
+            requests = []
+            for index, (prompt_token_ids, params) in enumerate(group.inputs):
+                request_id, self._next_id = self._next_id, self._next_id + 1
+                group.request_ids.append(request_id)
+                self._targets[request_id] = (group, index)
+                requests.append((request_id, prompt_token_ids, params))
+            self._outbox.append(("add", requests))
+            self._cond.notify_all()
+
+    def abort(self, group: RequestGroup):
+        """Stops what is left of a group (its client went away); idempotent."""
+        with self._cond:
+            if self._stopping or self._closed.is_set():
+                return
+            live = [request_id for request_id in group.request_ids if request_id in self._targets]
+            if live:
+                self._outbox.append(("abort", live))
+                self._cond.notify_all()
+
+    def begin_drain(self):
+        """Refuse new requests; the ones in flight go on."""
+        with self._cond:
+            self._draining = True
+
+    def shutdown(self, timeout: float = 10.0):
+        """Aborts whatever still runs and stops the core (called off the event loop, which delivers the aborts)."""
+        with self._cond:
+            self._stopping = True
+            self._outbox.append(("stop",))
+            self._cond.notify_all()
+        if self._process is None:
+            return
+        self._process.join(timeout)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop within %.0f s; terminating it", timeout)
+            self._process.terminate()
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop and self._loop.is_running():
+            self._closed.wait(timeout)   # the loop has read the core's last message and closed the connection
+        atexit.unregister(self._close_at_exit)
+
+    # ---- the sender thread -------------------------------------------------------------------------------
+    def _send_loop(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._outbox or self._closed.is_set())
+                commands, self._outbox = self._outbox, []
+            if self._closed.is_set():
+                return
+            try:
+                self._conn.send(commands)
+            except (OSError, ValueError):   # the core is gone; the reader reports it
+                return
+            if commands[-1][0] == "stop":
+                return
+
+    def _close_at_exit(self):
+        """An interpreter exit without shutdown(): closing our end makes the core exit, so nothing waits on it."""
+        if self._conn is not None and not self._closed.is_set():
+            self._conn.close()
+
+    # ---- the event loop's reader ---------------------------------------------------------------------------
+    def _on_readable(self):
+        """Every message the core has sent so far; each handler is woken once for all of them."""
+        to_wake = set()
+        try:
+            while self._conn.poll():
+                message = self._conn.recv()
+                if message[0] == "step":
+                    self._deliver(message, to_wake)
+                elif message[0] == "ready":
+                    self._on_ready(message[1])
+                else:
+                    self._fail_to_load(EngineLoadError(message[1]))
+        except (EOFError, OSError):
+            self._on_core_exit(to_wake)
+        RequestGroup.wake_all(to_wake, self._loop)
+
+    def _deliver(self, message, to_wake: set):
+        _, deltas, accepted, stats, seconds = message
+        targets = self._targets
+        for request_id, text, token_ids, logprobs, finished, finish_reason, error, metrics in deltas:
+            target = targets.get(request_id)
+            if target is None:
+                continue
+            group, index = target
+            delta = Delta(text, token_ids, logprobs, finished, finish_reason, error, metrics)
+            if group.put(index, delta):
+                to_wake.add(group)
+            if finished:
+                del targets[request_id]
+                if metrics is not None:
+                    self._on_finished(delta)
+        with self._cond:
+            self._in_transit -= accepted
+            self._engine_waiting = stats["waiting"]
+        self._stats = stats
+        if seconds is not None:
+            self._on_step(seconds)
+        self._on_stats(stats)
+
+    def _on_ready(self, ready: dict):
+        try:
+            info = load_engine_info(ready, self._options.get("tokenizer_path"))
+        except Exception as error:  # noqa: BLE001 (the server cannot answer without it: a load failure)
+            self._fail_to_load(error)
+            return
+        self.engine = info
+        self._stats = ready["stats"]
+        self._on_stats(self._stats)
+        with self._cond:
+            self._ready = True
+            self._cond.notify_all()
+
+    def _fail_to_load(self, error: BaseException):
+        logger.error("the engine failed to load: %s", error)
+        with self._cond:
+            self.load_error = error
+            self._cond.notify_all()
+        self._on_load_failure(error)
+
+    def _on_core_exit(self, to_wake: set):
+        """The connection closed: the core stopped (shutdown) or died. Every request still open gets its end."""
+        self._loop.remove_reader(self._conn.fileno())
+        self._conn.close()
+        if not self._stopping:
+            self._process.join(5)   # it is exiting: its exit code says how
+            why = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+            if not self._ready and self.load_error is None:
+                self._fail_to_load(EngineLoadError(why))
+            elif self._ready:
+                logger.error("%s; failing the requests in flight", why)
+                self.failure = why
+        for request_id, (group, index) in self._targets.items():
+            reason = "abort" if self._stopping else "error"
+            if group.put(index, Delta(finished=True, finish_reason=reason, error=self.failure)):
+                to_wake.add(group)
+        self._targets.clear()
+        with self._cond:
+            self._closed.set()
+            self._cond.notify_all()
