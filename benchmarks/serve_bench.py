@@ -58,6 +58,8 @@ def parse_args(argv=None):
     add_engine_args(p, title="engine (passed to the server as well)", compare_reference=False)
     p.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval: tokens per SSE "
                    "chunk (default 1, every token)")
+    p.add_argument("--engine-in-thread", action="store_true", help="the server's --engine-in-thread: its engine on a "
+                   "thread of the HTTP process instead of its own process (to compare the two)")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of torch on both sides (offline "
                    "here, OMP_NUM_THREADS for the server); default: torch's own choice here, passed on to the server. "
                    "On a small CPU machine 1 leaves a core for the server's HTTP loop and the client")
@@ -180,7 +182,7 @@ class Server:
             return False
 
     def engine_step_seconds(self) -> float:
-        """The server's xverse_engine_step_seconds_total: time its engine thread spent in Engine.step."""
+        """The server's xverse_engine_step_seconds_total: time its engine spent in Engine.step."""
         with urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=30) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith("xverse_engine_step_seconds_total "):
@@ -309,7 +311,7 @@ def print_report(payload: dict):
     print(f"\noffline Engine.generate: {off['requests']} requests, {off['output_tokens_per_s']:.1f} output tok/s, "
           f"{off['requests_per_s']:.2f} req/s")
     print(f"server at saturation:    {sat['output_tokens_per_s']:.1f} output tok/s, {sat['requests_per_s']:.2f} req/s"
-          f" -> {100 * payload['saturation_fraction_of_offline']:.1f}% of offline; the engine thread was stepping "
+          f" -> {100 * payload['saturation_fraction_of_offline']:.1f}% of offline; the engine was stepping "
           f"{100 * sat['engine_busy_fraction']:.1f}% of that time; median over pairs of runs on the same requests: "
           f"{100 * payload['saturation_fraction_median_of_pairs']:.1f}%; streamed texts equal to offline: "
           f"{sat['all_outputs_equal_offline']} of {sat['requests']} per run\n")
@@ -400,7 +402,8 @@ def main(argv=None) -> dict:
         offline.close()
     print("starting the server ...", file=sys.stderr)
     server = Server(engine_flags(args) + ["--max-waiting-requests", str(max(512, 2 * n)),
-                                          "--stream-interval", str(args.stream_interval)], torch_threads=threads)
+                                          "--stream-interval", str(args.stream_interval)]
+                    + (["--engine-in-thread"] if args.engine_in_thread else []), torch_threads=threads)
     try:
         asyncio.run(run_level(server.port, saturation_sets[0][:2], 4))   # warm-up, as offline
         print(f"offline and server at saturation (all requests at once), {args.repeats} times ...", file=sys.stderr)
@@ -411,7 +414,7 @@ def main(argv=None) -> dict:
             busy = server.engine_step_seconds()
             results = asyncio.run(run_level(server.port, prompts, args.output_len, timeout=args.timeout))
             run = summarize_level(results, {"mode": "saturation", "load": f"all {n}"})
-            # the share of the wall time the engine thread spent stepping: what the server leaves idle
+            # the share of the wall time the engine spent stepping: what the server leaves idle
             run["engine_busy_fraction"] = (server.engine_step_seconds() - busy) / run["duration_s"]
             # greedy: every streamed text must equal offline's for the same prompt
             run["outputs_equal_offline"] = sum("error" not in res and res["text"] == text
@@ -447,7 +450,8 @@ def main(argv=None) -> dict:
         "engine": {"model": args.model or "tiny-xverse-moe (embedded)", "load_format": args.load_format,
                    "device": device, "dtype": args.dtype, "kernels": args.kernels, "max_num_seqs": args.max_num_seqs,
                    "torch_threads": {"offline": threads, "server": threads}},
-        "server": {"stream_interval": args.stream_interval},
+        "server": {"stream_interval": args.stream_interval,
+                   "engine": "a thread of the HTTP process" if args.engine_in_thread else "its own process"},
         "workload": {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len,
                      "repeats": args.repeats,
                      "sampling": "greedy, ignore_eos", "client": "asyncio HTTP/1.1, streaming /v1/completions, raw bytes parsed after each level"},

@@ -123,6 +123,11 @@ def test_help_lists_the_release_demo_flags():
 
 
 
+def descendants(pid) -> list:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
 def alive(pid: str) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -137,8 +142,8 @@ def test_tensor_parallel_server_answers_like_offline_and_leaves_no_worker():
         ["The capital of France is"], SamplingParams(max_new_tokens=8, temperature=0.0))
     server = ServerProcess("--tensor-parallel-size", "2")
     try:
-        workers = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
-        assert workers, "--tensor-parallel-size 2 must start a worker process"
+        workers = descendants(server.proc.pid)   # the engine's process, and its tensor-parallel worker
+        assert len(workers) >= 2, "--tensor-parallel-size 2 must start a worker process"
         status, body = server.request("POST", "/v1/completions", {"prompt": "The capital of France is",
                                                                   "max_tokens": 8, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"] == expected.text
