@@ -54,6 +54,25 @@ def test_take_delta_hands_out_each_token_once_and_equals_generate(engine, take_e
             assert len(deltas) < len(out.token_ids), "a late consumer gets merged deltas, not one per token"
 
 
+def test_take_delta_without_text_leaves_decoding_to_the_caller(engine):
+    """text=False (the engine in its own process: the HTTP side decodes): the same tokens, no text, and the
+    caller's own OutputText over those tokens gives offline's text."""
+    from xverse_engine.engine.detokenizer import OutputText
+    expected = engine.generate(PROMPTS, greedy())
+    ids = [engine.add_request(p, greedy()) for p in PROMPTS]
+    decoders = {i: OutputText(engine.tokenizer, [], out.prompt_token_ids) for i, out in zip(ids, expected)}
+    texts, tokens = {i: "" for i in ids}, {i: [] for i in ids}
+    while engine.has_unfinished():
+        for request_id in engine.step():
+            delta = engine.take_delta(request_id, text=False)
+            assert delta.text == ""
+            tokens[request_id] += delta.token_ids
+            decoders[request_id].source += delta.token_ids
+            texts[request_id] += decoders[request_id].take_delta(final=delta.finished)
+    assert [tokens[i] for i in ids] == [out.token_ids for out in expected]
+    assert [texts[i] for i in ids] == [out.text for out in expected]
+
+
 def test_nothing_is_handed_out_after_the_finished_delta(engine):
     request_id = engine.add_request("Hello", greedy(4))
     while engine.has_unfinished():

@@ -108,18 +108,25 @@ def idle(stats: dict) -> bool:
 
 
 def test_outputs_through_the_process_equal_offline_greedy(core, offline):
+    """Text is decoded on the API side from the token ids, except for a request with stop strings, whose text
+    the engine's core decodes (to stop on time): both equal offline."""
     expected = offline.generate(PROMPTS, greedy())
     with_logprobs = offline.generate([PROMPTS[1]], greedy(8, logprobs=2))[0]
+    with_stop = offline.generate([PROMPTS[1]], greedy(24, stop=[" is", "Tower"]))[0]
+    assert with_stop.finish_reason == "stop", "the stop string must be reached for this to say anything"
     group = core.submit([(out.prompt_token_ids, greedy()) for out in expected]
-                        + [(with_logprobs.prompt_token_ids, greedy(8, logprobs=2))])
+                        + [(with_logprobs.prompt_token_ids, greedy(8, logprobs=2)),
+                           (with_stop.prompt_token_ids, greedy(24, stop=[" is", "Tower"]))])
     results = core.collect(group)
-    for got, want in zip(results, expected + [with_logprobs]):
+    assert len(results) == len(expected) + 2
+    for got, want in zip(results, expected + [with_logprobs, with_stop]):
         assert got.finished and got.finish_reason == want.finish_reason
         assert (got.text, got.token_ids) == (want.text, want.token_ids)
         assert got.metrics.num_output_tokens == len(want.token_ids)
-    assert [lp.token_id for lp in results[-1].logprobs] == with_logprobs.token_ids
-    assert [lp.logprob for lp in results[-1].logprobs] == pytest.approx([lp.logprob for lp in with_logprobs.logprobs])
-    assert all(len(lp.top) == 2 for lp in results[-1].logprobs)
+    logprobs = results[-2].logprobs
+    assert [lp.token_id for lp in logprobs] == with_logprobs.token_ids
+    assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in with_logprobs.logprobs])
+    assert all(len(lp.top) == 2 for lp in logprobs)
     info = core.core.engine   # what the HTTP handlers read, loaded on this side
     assert (info.max_model_len, info.config.vocab_size) == (offline.max_model_len, offline.config.vocab_size)
     assert info.tokenizer.encode(PROMPTS[1]) == expected[1].prompt_token_ids

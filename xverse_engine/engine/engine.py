@@ -292,21 +292,23 @@ class Engine:
             self._num_taken.pop(request_id, None)
         return output
 
-    def take_delta(self, request_id: int) -> RequestDelta:
+    def take_delta(self, request_id: int, text: bool = True) -> RequestDelta:
         """What a request added with add_request produced since the previous take_delta: each token, logprob
         and character exactly once, without copying what was handed out before (a server calls this for every
         request it touched, every step). Text that could still grow into a stop string is held back until it
-        cannot. The delta that says finished carries the metrics, and the request is forgotten then."""
+        cannot. The delta that says finished carries the metrics, and the request is forgotten then.
+        text=False: the caller decodes the tokens itself (delta.text is ""; a request without stop strings is
+        then never decoded here), as the server does on its HTTP side to leave the engine's core the steps."""
         if request_id not in self._requests:
             raise KeyError(f"no request {request_id} (unknown, or already finished and taken)")
-        seq, text, _ = self._requests[request_id]
+        seq, output_text, _ = self._requests[request_id]
         taken = self._num_taken.get(request_id, 0)
         start = seq.num_prompt_tokens + taken
         token_ids = seq.token_ids[start:]
         logprobs = seq.logprobs[taken:] if seq.params.logprobs is not None else []
         finished = seq.is_finished
-        delta = RequestDelta(request_id, text.take_delta(final=finished), token_ids, logprobs, finished,
-                             seq.finish_reason, seq.error, self._metrics_of(seq) if finished else None)
+        delta = RequestDelta(request_id, output_text.take_delta(final=finished) if text else "", token_ids, logprobs,
+                             finished, seq.finish_reason, seq.error, self._metrics_of(seq) if finished else None)
         if finished:
             del self._requests[request_id]
             self._num_taken.pop(request_id, None)

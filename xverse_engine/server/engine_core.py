@@ -3,12 +3,15 @@ default; EngineProcess is the API side). The HTTP work then runs on another core
 the engine's GIL.
 
 Protocol over one multiprocessing Connection (pickled tuples; request ids are the API side's own):
-  API -> core   a list of commands: ("add", [(request_id, prompt_token_ids, SamplingParams), ...]),
-                ("abort", [request_id, ...]), ("stop",)
+  API -> core   a list of commands: ("add", [(request_id, prompt_token_ids, SamplingParams, decode), ...]),
+                ("abort", [request_id, ...]), ("stop",); decode: the core hands out text too (a request with
+                stop strings, which the engine decodes anyway); otherwise the API side decodes the token ids, so
+                detokenizing takes nothing from the steps (as in vLLM's V1)
   core -> API   ("ready", {"model_path", "max_model_len", "generation_config", "stats"}) once loaded, or
                 ("load_failed", message); then one ("step", deltas, accepted, stats, step_seconds) per loop turn
                 that did anything: deltas = [(request_id, text, token_ids, logprobs, finished, finish_reason,
-                error, metrics)], accepted = requests added this turn, step_seconds = None when no step ran.
+                error, metrics)] (text "" where the API side decodes), accepted = requests added this turn,
+                step_seconds = None when no step ran.
 
 The core blocks on the connection while it has nothing to run, takes every pending command before each step,
 and exits when told to stop or when the connection closes (the API process is gone), so it never outlives it.
@@ -68,7 +71,7 @@ class EngineCore:
     def __init__(self, engine, conn):
         self.engine, self.conn = engine, conn
         self.engine_ids = {}   # API request id -> engine request id
-        self.api_ids = {}      # engine request id -> API request id
+        self.api_ids = {}      # engine request id -> (API request id, whether the core decodes its text)
 
     def run(self):
         engine, conn = self.engine, self.conn
@@ -102,24 +105,25 @@ class EngineCore:
                 conn.send(("step", deltas, accepted, engine.stats(), seconds))
 
     def add(self, requests: list, deltas: list) -> int:
-        for api_id, prompt_token_ids, params in requests:
+        for api_id, prompt_token_ids, params, decode in requests:
             try:
                 engine_id = self.engine.add_request(None, params, prompt_token_ids=prompt_token_ids)
             except ValueError as error:   # RequestError included: this request fails alone
                 deltas.append((api_id, "", [], [], True, "error", str(error), None))
                 continue
             self.engine_ids[api_id] = engine_id
-            self.api_ids[engine_id] = api_id
+            self.api_ids[engine_id] = (api_id, decode)
         return len(requests)
 
     def take(self, engine_ids, deltas: list):
         """Each touched request's new output (Engine.take_delta: only what is new), as a plain tuple."""
         api_ids, take_delta = self.api_ids, self.engine.take_delta
         for engine_id in engine_ids:
-            api_id = api_ids.get(engine_id)
-            if api_id is None:
+            target = api_ids.get(engine_id)
+            if target is None:
                 continue
-            d = take_delta(engine_id)   # a finished request is released here
+            api_id, decode = target
+            d = take_delta(engine_id, text=decode)   # a finished request is released here
             deltas.append((api_id, d.text, d.token_ids, d.logprobs, d.finished, d.finish_reason, d.error, d.metrics))
             if d.finished:
                 del api_ids[engine_id], self.engine_ids[api_id]

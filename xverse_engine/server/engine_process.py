@@ -3,7 +3,9 @@ EngineLoop, so the app does not care which one it has.
 
 The engine core is a spawned child (CUDA needs spawn) joined by one multiprocessing Pipe. Its per-step messages
 are read on the asyncio loop itself (loop.add_reader on the pipe): the deltas go into the RequestGroup mailboxes
-and wake the handlers directly, with no thread and no lock contention on this side. Commands (add, abort, stop)
+and wake the handlers directly, with no thread and no lock contention on this side. The text of a request
+without stop strings is decoded here from its token ids (the same OutputText the engine uses), so the core's
+time goes to the steps. Commands (add, abort, stop)
 go out through one small sender thread, so the event loop never blocks on a full pipe (and the two processes
 can never both wait on each other's full buffer). Admission is bounded as with EngineLoop: requests sent but not
 yet taken by the core, plus the engine's waiting queue, stay within max_waiting_requests (ServerBusy -> 503).
@@ -19,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..engine.detokenizer import OutputText
 from .engine_core import run_engine_core
 from .mailbox import Delta, NotReady, RequestGroup, ServerBusy
 
@@ -75,7 +78,8 @@ class EngineProcess:
         self._outbox = []                    # commands for the sender thread; bounded by admission
         self._in_transit = 0                 # requests sent in "add" commands the core has not taken yet
         self._engine_waiting = 0             # the engine's waiting queue after its last step
-        self._targets = {}                   # request id -> (RequestGroup, choice index); event loop only
+        self._targets = {}                   # request id -> (RequestGroup, choice index, OutputText or None when
+                                             # the core decodes); event loop only
         self._next_id = 0
         self._stats = {}
         self._loop = self._process = self._conn = None
@@ -138,8 +142,10 @@ class EngineProcess:
             for index, (prompt_token_ids, params) in enumerate(group.inputs):
                 request_id, self._next_id = self._next_id, self._next_id + 1
                 group.request_ids.append(request_id)
-                self._targets[request_id] = (group, index)
-                requests.append((request_id, prompt_token_ids, params))
+                # stop strings need the engine's own decoder; any other text is decoded here, off the core
+                decoder = None if params.stop else OutputText(self.engine.tokenizer, [], prompt_token_ids)
+                self._targets[request_id] = (group, index, decoder)
+                requests.append((request_id, prompt_token_ids, params, decoder is None))
             self._outbox.append(("add", requests))
             self._cond.notify_all()
 
@@ -226,7 +232,10 @@ class EngineProcess:
             target = targets.get(request_id)
             if target is None:
                 continue
-            group, index = target
+            group, index, decoder = target
+            if decoder is not None:
+                decoder.source += token_ids
+                text = decoder.take_delta(final=finished)
             delta = Delta(text, token_ids, logprobs, finished, finish_reason, error, metrics)
             if group.put(index, delta):
                 to_wake.add(group)
@@ -274,7 +283,7 @@ class EngineProcess:
             elif self._ready:
                 logger.error("%s; failing the requests in flight", why)
                 self.failure = why
-        for request_id, (group, index) in self._targets.items():
+        for group, index, _ in self._targets.values():
             reason = "abort" if self._stopping else "error"
             if group.put(index, Delta(finished=True, finish_reason=reason, error=self.failure)):
                 to_wake.add(group)
