@@ -142,8 +142,10 @@ class EngineProcess:
             for index, (prompt_token_ids, params) in enumerate(group.inputs):
                 request_id, self._next_id = self._next_id, self._next_id + 1
                 group.request_ids.append(request_id)
-                # stop strings need the engine's own decoder; any other text is decoded here, off the core
-                decoder = None if params.stop else OutputText(self.engine.tokenizer, [], prompt_token_ids)
+                # stop strings need the engine's own decoder; any other text is decoded here, off the core (from
+                # the prompt's last tokens: the decoder's context, so its first word keeps its leading space)
+                decoder = None if params.stop else OutputText(self.engine.tokenizer, [],
+                                                              prompt_token_ids[-OutputText.CONTEXT_TOKENS:])
                 self._targets[request_id] = (group, index, decoder)
                 requests.append((request_id, prompt_token_ids, params, decoder is None))
             self._outbox.append(("add", requests))
