@@ -420,6 +420,24 @@ def test_a_row_that_changes_hands_takes_its_new_sequences_settings(moe_ckpt):
     assert len({tuple(o.token_ids) for o in together}) == 3
 
 
+def test_a_penalty_below_one_in_the_batch_turns_the_penalty_shortcut_off(moe_ckpt):
+    from xverse_engine.engine import model_runner
+    params = [SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=p, ignore_eos=True)
+              for p in (0.7, 1.3)]
+    prompts = prompts_of_lengths([5, 6])
+    flags, real = [], model_runner.sample
+    model_runner.sample = lambda logits, batch: (flags.append(batch.penalties_at_least_one), real(logits, batch))[1]
+    try:
+        together = make_engine(moe_ckpt).generate(prompt_token_ids=prompts, sampling_params=params)
+        assert set(flags) == {False}
+        flags.clear()
+        alone = make_engine(moe_ckpt).generate(prompt_token_ids=prompts[1:], sampling_params=params[1])
+        assert set(flags) == {True}
+    finally:
+        model_runner.sample = real
+    assert together[1].token_ids == alone[0].token_ids
+
+
 def test_penalty_mask_holds_exactly_the_tokens_seen(moe_ckpt):
     import torch
     engine = make_engine(moe_ckpt, async_scheduling=False, num_kv_blocks=24, max_model_len=64, max_num_seqs=8)

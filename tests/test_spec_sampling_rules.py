@@ -72,6 +72,22 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     assert torch.equal(apply_repetition_penalty_mask(logits, mask, torch.tensor([2.0])), penalised)
 
 
+def test_the_penalty_shortcut_for_penalties_of_at_least_one_is_exact():
+    # at_least_one (every penalty >= 1) takes the smaller of logit / p and logit * p: bit for bit the same rule
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn((6, 64), generator=generator) * 5
+    logits[:, :4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
+    seen = torch.rand((6, 64), generator=generator) < 0.5
+    penalties = torch.tensor([1.0, 1.1, 1.3, 2.0, 1.0000001, 17.0])
+    reference = apply_repetition_penalty_mask(logits, seen, penalties)
+    shortcut = apply_repetition_penalty_mask(logits, seen, penalties, at_least_one=True)
+    assert torch.equal(shortcut, reference)
+    assert torch.equal(torch.signbit(shortcut), torch.signbit(reference))   # -0.0 stays -0.0
+    below_one = torch.tensor([0.5, 1.1, 1.1, 1.1, 1.1, 1.1])   # a penalty < 1 (a bonus): the shortcut is wrong
+    assert not torch.equal(apply_repetition_penalty_mask(logits, seen, below_one, at_least_one=True),
+                           apply_repetition_penalty_mask(logits, seen, below_one))
+
+
 PROBS = [0.05, 0.5, 0.1, 0.2, 0.15]                        # ranks: 1, 3, 4, 2, 0
 
 

@@ -43,6 +43,7 @@ class InputBatch:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, vocab_size: int, device):
         self.device = torch.device(device)
         self.pinned = self.device.type == "cuda"
+        self.zero_copy = self.device.type == "cpu"   # host arrays are device arrays: wrap them, copy nothing
         self.block_size = block_size
         self.vocab_size = vocab_size
         rows = max_num_seqs
@@ -107,8 +108,15 @@ class InputBatch:
     def upload_packed(self, longs: list, ints: list, zero_copy: Optional[bool] = None) -> tuple:
         """One host-to-device copy for a step's int64 and int32 arrays (lists or arrays of any shape; None for
         absent ones): each is written once into one int64 buffer, the int32 ones into its tail. Returns their
-        device tensors (None where absent), in order and in their shapes. zero_copy (default: on the CPU)
-        returns views of the host buffer instead of slices of its device copy."""
+        device tensors (None where absent), in order and in their shapes. zero_copy (default: on the CPU, where
+        host arrays are device arrays) wraps each array as it is instead (the block table's slice is contiguous
+        only when it is the whole table, and a CPU step has finished with it before the table changes)."""
+        if zero_copy is None:
+            zero_copy = self.zero_copy
+        if zero_copy:   # the host arrays are the inputs: no packing, no copy beyond a dtype or layout change
+            return ([None if part is None else torch.from_numpy(np.ascontiguousarray(part, dtype=np.int64))
+                     for part in longs],
+                    [torch.from_numpy(np.ascontiguousarray(part, dtype=np.int32)) for part in ints])
         longs = [None if part is None else np.asarray(part, dtype=np.int64) for part in longs]
         num_longs = sum(part.size for part in longs if part is not None)
         buffer = np.empty(num_longs + (sum(part.size for part in ints) + 1) // 2, dtype=np.int64)
@@ -117,11 +125,6 @@ class InputBatch:
         for view, part in zip(long_views + int_views, longs + ints):
             if part is not None:
                 view[...] = part
-        if zero_copy is None:
-            zero_copy = self.device.type == "cpu"
-        if zero_copy:   # the host buffer is the input: numpy views cost less than tensor slices
-            return ([None if v is None else torch.from_numpy(v) for v in long_views],
-                    [torch.from_numpy(v) for v in int_views])
         device = self.upload(buffer)
         return list(_views(device, longs)), list(_views(device[num_longs:].view(torch.int32), ints))
 
@@ -129,7 +132,7 @@ class InputBatch:
         fixed = self._fixed
         starts = self._starts_of_same_batch(scheduled, fixed) if fixed is not None else None
         if starts is not None:   # the steady state: the same sequences decode again, fed by the last step
-            return self._inputs(fixed, np.array(starts, dtype=np.int64), None, None, fixed.seqs)
+            return self._inputs(fixed, starts, None, None, fixed.seqs)
         rows, starts, counts, host_ids, sample_flags = [], [], [], [], []
         sampling_seqs, pending_at, pending_from = [], [], []
         add_row, add_start, add_count, add_id, add_flag = (rows.append, starts.append, counts.append,
@@ -172,8 +175,8 @@ class InputBatch:
         self._fixed = fixed if steady else None
         if not pending_at:
             pending_at = pending_from = None
-        return self._inputs(fixed, np.array(starts, dtype=np.int64), None if is_decode else counts,
-                            (host_ids, pending_at, pending_from), sampling_seqs)
+        return self._inputs(fixed, starts, None if is_decode else counts, (host_ids, pending_at, pending_from),
+                            sampling_seqs)
 
     def _sync_blocks(self, seq):
         """Copies the blocks seq gained since its last step into its row of the block table."""
@@ -196,21 +199,25 @@ class InputBatch:
             starts.append(item.start)
         return starts
 
-    def _inputs(self, fixed, starts: np.ndarray, counts, host_inputs, sampling_seqs: list) -> StepInputs:
+    def _inputs(self, fixed, starts: list, counts, host_inputs, sampling_seqs: list) -> StepInputs:
         """The step's device inputs. starts: [B] first position of each sequence; counts: its new tokens
         (None: one each); host_inputs: (token ids known on the host, where pending ones go, where in the last
         step's output they come from), or None when the last step's sampled ids are the input as they are."""
         bs = self.block_size
         if counts is None:   # one token per sequence
-            positions, token_rows = starts, fixed.rows
-            context_lens = starts + 1
+            positions = np.array(starts, dtype=np.int64)
+            table_base = fixed.table_base                       # [B]: each row's first entry in the flat table
+            context_lens = np.add(positions, 1, dtype=np.int32)
+            width = (max(starts) + bs) // bs
         else:
             counts = np.array(counts, dtype=np.int64)
-            token_rows = np.repeat(fixed.rows, counts)
-            positions = np.arange(len(token_rows)) + np.repeat(starts - fixed.query_start[:-1], counts)
-            context_lens = starts + counts
-        slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        width = (int(context_lens.max()) + bs - 1) // bs
+            starts = np.array(starts, dtype=np.int64)
+            table_base = np.repeat(fixed.table_base, counts)
+            positions = np.arange(len(table_base)) + np.repeat(starts - fixed.query_start[:-1], counts)
+            context_lens = np.add(starts, counts, dtype=np.int32)
+            width = (int(context_lens.max()) + bs - 1) // bs
+        blocks, offsets = np.divmod(positions, bs)
+        slots = np.multiply(self.block_table.ravel().take(table_base + blocks), bs, dtype=np.int64) + offsets
         tables = self.block_table[fixed.rows_slice, :width]
         keys = None
         if fixed.needs_keys:   # the draw's counter: tokens generated so far
@@ -229,9 +236,11 @@ class InputBatch:
                                  context_lens=context_lens_d, query_start_loc=fixed.query_start_d,
                                  is_decode=counts is None)
         sampling = None
-        if fixed.num_sampling:
-            sampling = SamplingBatch(**fixed.sampling, keys=keys_d,
-                                     seen_mask=self.seen[fixed.seen_rows] if fixed.penalised else None)
+        if fixed.num_sampling:   # a greedy batch without penalty changes nothing in it from step to step
+            sampling = fixed.sampling
+            if keys_d is not None or fixed.penalised:
+                sampling = SamplingBatch(**fixed.sampling_fields, keys=keys_d,
+                                         seen_mask=self.seen[fixed.seen_rows] if fixed.penalised else None)
         return StepInputs(input_ids, positions_d, meta, fixed.sample_rows_d, sampling,
                           sampling_seqs, fixed.batch_rows_d, fixed.penalised, fixed.logprobs)
 
@@ -254,7 +263,8 @@ class InputBatch:
         (sample_rows_d, srows_d, top_k_d), (query_start_d, temperature_d, top_p_d, penalty_d) = self.upload_packed(
             [sample_rows, srows, top_k], [query_start, temperature.view(np.int32),
                                           top_p.view(np.int32), penalty.view(np.int32)])
-        fixed = FixedInputs(rows=rows_np, rows_slice=_as_slice(rows_np), query_start=query_start,
+        fixed = FixedInputs(rows=rows_np, rows_slice=_as_slice(rows_np), table_base=rows_np * self.block_table.shape[1],
+                            query_start=query_start,
                             query_start_d=query_start_d, sample_flags=flags, num_sampling=num_sampling,
                             sample_rows_d=sample_rows_d, batch_rows_d=srows_d, seqs=sampling_seqs)
         if not num_sampling:
@@ -269,12 +279,14 @@ class InputBatch:
         fixed.logprobs = logprobs
         fixed.needs_keys = bool(sampled.any())
         fixed.seeds, fixed.num_prompt = self.seed[srows], self.num_prompt[srows]
-        fixed.sampling = dict(
+        fixed.sampling_fields = dict(
             temperatures=temperature_d.view(torch.float32), top_ks=top_k_d, top_ps=top_p_d.view(torch.float32),
             repetition_penalties=penalty_d.view(torch.float32), seeds=None, steps=None,
             num_logprobs=max(logprobs), all_greedy=not fixed.needs_keys, all_sampled=bool(sampled.all()),
-            any_top_k=bool((top_k[sampled] > 0).any()), any_top_p=bool((top_p[sampled] < 1.0).any()),
+            penalties_at_least_one=bool((penalty >= 1).all()), any_top_k=bool((top_k[sampled] > 0).any()),
+            any_top_p=bool((top_p[sampled] < 1.0).any()),
             num_candidates=int(widths.max()) if len(widths) else 0, any_unfiltered=bool((sampled & ~filtered).any()))
+        fixed.sampling = SamplingBatch(**fixed.sampling_fields)
         return fixed
 
 
@@ -283,6 +295,7 @@ class FixedInputs:
     """The inputs of a batch that do not change from one decode step to the next (see InputBatch._fix)."""
     rows: np.ndarray                 # [B] int64
     rows_slice: object               # rows as a slice when they are consecutive (a view, not a gather)
+    table_base: np.ndarray           # [B] int64: where each row starts in the flattened block table
     query_start: np.ndarray          # [B + 1] int64
     query_start_d: torch.Tensor      # [B + 1] int32
     sample_flags: Optional[np.ndarray]   # [B] bool, or None when every sequence samples
@@ -296,7 +309,8 @@ class FixedInputs:
     needs_keys: bool = False         # some row draws (temperature > 0)
     seeds: Optional[np.ndarray] = None       # [S] int64
     num_prompt: Optional[np.ndarray] = None  # [S] int64
-    sampling: Optional[dict] = None  # SamplingBatch fields other than keys and seen_mask
+    sampling_fields: Optional[dict] = None    # SamplingBatch fields but keys and seen_mask, which change every step
+    sampling: Optional[SamplingBatch] = None  # of those fields alone (a greedy step without penalty uses it as is)
 
 
 def _views(flat, parts: list):

@@ -53,11 +53,11 @@ class StepOutput:
         width = (table.shape[1] - 2) // 2
         tokens = table[:, 0].astype(np.int64).tolist()
         chosen = table[:, 1].tolist()
-        values = table[:, 2:2 + width].tolist()
-        ids = table[:, 2 + width:].astype(np.int64).tolist()
-        entries = [None if n < 0 else TokenLogprob(tokens[i], chosen[i], dict(zip(ids[i], values[i])) if n == width
-                                                   else dict(zip(ids[i][:n], values[i][:n])))
-                   for i, n in enumerate(self.logprobs)]
+        values = list(map(tuple, table[:, 2:2 + width].tolist()))
+        ids = list(map(tuple, table[:, 2 + width:].astype(np.int64).tolist()))
+        entries = [None if n < 0 else TokenLogprob(token, logprob, top_ids, top_values) if n == width
+                   else TokenLogprob(token, logprob, top_ids[:n], top_values[:n])
+                   for token, logprob, top_ids, top_values, n in zip(tokens, chosen, ids, values, self.logprobs)]
         return tokens, entries
 
 

@@ -23,9 +23,17 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class TokenLogprob:
+    """A generated token's logprob and the n best of its step. The step's output pass only wraps what it read
+    from the device; the `top` mapping is built when somebody asks for it."""
     token_id: int
     logprob: float
-    top: dict = field(default_factory=dict)   # token id -> logprob of the top-n tokens
+    top_ids: tuple = ()        # the n best token ids, best first
+    top_logprobs: tuple = ()   # their logprobs (tuples: the garbage collector soon stops tracking them)
+
+    @property
+    def top(self) -> dict:
+        """token id -> logprob of the top-n tokens, best first."""
+        return dict(zip(self.top_ids, self.top_logprobs))
 
 
 @dataclass

@@ -41,6 +41,7 @@ class SamplingBatch:
     any_unfiltered: bool = True             # some sampled row has neither top-k nor top-p
     all_sampled: bool = False               # every row samples (temperature > 0): no greedy rows to merge
     keys: Optional[torch.Tensor] = None     # [B] int64 row_keys(seeds, steps), computed on the host
+    penalties_at_least_one: bool = False    # every repetition penalty >= 1 (the usual case: fewer ops)
 
 
 class TopLogprobs(NamedTuple):
@@ -65,11 +66,15 @@ def apply_repetition_penalty(logits, seen_token_ids, penalties):
     return apply_repetition_penalty_mask(logits, seen[:, :vocab], penalties)
 
 
-def apply_repetition_penalty_mask(logits, seen, penalties):
+def apply_repetition_penalty_mask(logits, seen, penalties, at_least_one: bool = False):
     # logits: [B, V]; seen: [B, V] bool. Seen tokens' logits divided (if > 0) or multiplied (if <= 0) by the
-    # penalty, as transformers does
+    # penalty, as transformers does. When every penalty is >= 1 that is the smaller of the two, exactly (one
+    # cheap minimum instead of a comparison and a select); at_least_one says so (the caller knows the settings)
     penalty = penalties[:, None]
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    if at_least_one:
+        penalised = torch.minimum(logits * penalty, logits / penalty)
+    else:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
@@ -97,7 +102,8 @@ def sample(logits, batch: SamplingBatch):
     if batch.num_logprobs >= 0:
         logprobs = torch.log_softmax(logits, dim=-1)
     if batch.seen_mask is not None:
-        logits = apply_repetition_penalty_mask(logits, batch.seen_mask, batch.repetition_penalties)
+        logits = apply_repetition_penalty_mask(logits, batch.seen_mask, batch.repetition_penalties,
+                                               batch.penalties_at_least_one)
     elif batch.seen_token_ids is not None:
         logits = apply_repetition_penalty(logits, batch.seen_token_ids, batch.repetition_penalties)
     if not batch.all_sampled:
