@@ -14,11 +14,13 @@ draw_top_k_top_p(values [B, K] fp32, token_ids [B, K] int64, top_ks [B] int64, t
     The noise is gumbel_noise_at: bits = fmix32(key ^ (token_id * 0x27D4EB2F mod 2^32)),
     u = ((bits >> 8) + 0.5) * 2^-24, g = -log(-log(u)), all in fp32.
 
-The kernels compute the same formulas in fp32 with accurate expf / logf (the softmax sum and the cumulative sum
-accumulated in double, as torch's CPU cumsum does). Library exp / log and the order of the softmax sum may
-round a last bit differently from torch's, so the top-p cutoff or the argmax can differ from the twin only when
-a cumulative mass equals top_p, or two candidates' noisy values tie, to within a few units in the last place.
-NaN values are not supported (the twin's argmax would pick a NaN, the kernels skip it).
+The kernels (csrc/sampling/) compute the same formulas in fp32 with accurate expf / logf, never fast-math
+intrinsics; the softmax sum and the cumulative sum accumulate in double (torch's CPU cumsum does too), each
+probability and cumulative mass rounded to fp32 as the twin's tensors are. Library exp / log and the order of
+the softmax sum may still round a last bit differently from torch's, so the kernels' top-p cutoff or argmax can
+differ from the twin's only where a cumulative mass equals top_p, or two candidates' noisy values tie, to within
+a few units in the last place. NaN values are not supported (the twin's argmax would pick a NaN; the kernels
+skip it).
 """
 import torch
 
