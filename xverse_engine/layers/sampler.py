@@ -19,7 +19,7 @@ import torch
 
 # the noise and the top-k / top-p rule live with the fused draw op (ops/sampling.py); re-exported here
 from ..ops.sampling import MASK32, _fmix32, gumbel_noise_at, row_keys  # noqa: F401
-from ..ops.sampling import removed_ranks as _removed_ranks
+from ..ops.sampling import draw_top_k_top_p, removed_ranks as _removed_ranks
 
 
 @dataclass
@@ -86,18 +86,17 @@ def filter_top_k_top_p(logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool)
     return logits.masked_fill(remove_in_place, float("-inf"))
 
 
-def _draw_filtered(scaled, batch: SamplingBatch):
-    # scaled: [B, V] -> [B] token drawn among the top-k / top-p survivors
+def _draw_filtered(scaled, batch: SamplingBatch, kernels: str):
+    # scaled: [B, V] -> [B] token drawn among the top-k / top-p survivors: one topk, then the fused draw
     k = batch.num_candidates or scaled.shape[-1]
     values, token_ids = scaled.topk(min(k, scaled.shape[-1]), dim=-1)                  # [B, K] best first
-    remove = _removed_ranks(values, batch.top_ks, batch.top_ps, batch.any_top_k, batch.any_top_p)
-    noisy = values.masked_fill(remove, float("-inf")) + gumbel_noise_at(batch.seeds, batch.steps, token_ids,
-                                                                         batch.keys)
-    return token_ids.gather(1, noisy.argmax(dim=-1, keepdim=True)).squeeze(1)
+    keys = batch.keys if batch.keys is not None else row_keys(batch.seeds, batch.steps)
+    return draw_top_k_top_p(values, token_ids, batch.top_ks, batch.top_ps, keys, kernels)
 
 
-def sample(logits, batch: SamplingBatch):
-    """logits: [B, V] fp32 -> (next token ids [B] int64, TopLogprobs of the raw logits, or None)."""
+def sample(logits, batch: SamplingBatch, kernels: str = "torch"):
+    """logits: [B, V] fp32 -> (next token ids [B] int64, TopLogprobs of the raw logits, or None). kernels: who
+    draws among the top-k / top-p survivors ("torch": the twin; "cpu" / "cuda": the fused op)."""
     top = None
     if batch.num_logprobs >= 0:
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -115,7 +114,7 @@ def sample(logits, batch: SamplingBatch):
             sampled = batch.temperatures > 0
             scaled = logits / torch.where(sampled, batch.temperatures, 1.0)[:, None]
         if batch.any_top_k or batch.any_top_p:
-            drawn = _draw_filtered(scaled, batch)
+            drawn = _draw_filtered(scaled, batch, kernels)
             if batch.any_unfiltered:
                 filtered = (batch.top_ks > 0) | (batch.top_ps < 1)
                 whole = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1], batch.keys)).argmax(-1)
