@@ -72,7 +72,7 @@ def measure(path: str, batch: int, sampling: str, args) -> dict:
     max_new_tokens = prefill_steps + args.warmup + args.repeats * args.steps + 16
     max_model_len = args.context + max_new_tokens
     blocks_per_seq = (max_model_len + block_size - 1) // block_size
-    engine = Engine(path, device=args.device, kernels="torch", dtype="float32", load_format="dummy",
+    engine = Engine(path, device=args.device, kernels=args.kernels, dtype="float32", load_format="dummy",
                     max_num_seqs=batch, max_model_len=max_model_len, block_size=block_size,
                     num_kv_blocks=batch * blocks_per_seq, max_num_batched_tokens=max(prefill_budget, batch),
                     enable_prefix_caching=True, show_progress=False, async_scheduling=not args.sync)
@@ -117,6 +117,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--vocab", type=int, default=128, help="the stub's vocabulary (small: ops cost their dispatch)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kernels", default="auto", choices=["auto", "cuda", "cpu", "torch"],
+                   help="the engine's kernels (default: its own default); with the model stubbed they only decide who "
+                        "draws among the top-k / top-p survivors: the fused op, or its pure-PyTorch twin (torch)")
     p.add_argument("--sync", action="store_true", help="synchronous stepping (default: asynchronous)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     return p.parse_args(argv)
@@ -130,7 +133,7 @@ def main(argv=None) -> dict:
         rows = [measure(path, b, s, args) for b in args.batch_sizes for s in args.sampling]
     payload = {"benchmark": "host_overhead", "machine": machine_info(args.device),
                "settings": {"context": args.context, "steps": args.steps, "repeats": args.repeats,
-                            "vocab": args.vocab, "async_scheduling": not args.sync,
+                            "vocab": args.vocab, "async_scheduling": not args.sync, "kernels": args.kernels,
                             "stub": "forward and lm_head replaced by slices of preallocated tensors"},
                "results": rows}
     write_json(args.json, payload)

@@ -41,6 +41,12 @@ void rope_cache_cpu(at::Tensor& query, const at::Tensor& key, const at::Tensor& 
                     at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& positions,
                     const at::Tensor& cos_sin);
 
+// ---- Sampling --------------------------------------------------------------------------------------------
+// values [B, K] fp32 best first, token_ids [B, K] int64, top_ks [B] int64 (0 = off), top_ps [B] fp32 (1 = off),
+// keys [B] int64 (row_keys) -> [B] int64: the token drawn among the top-k / top-p survivors (Gumbel-max)
+at::Tensor draw_top_k_top_p_cpu(const at::Tensor& values, const at::Tensor& token_ids, const at::Tensor& top_ks,
+                                const at::Tensor& top_ps, const at::Tensor& keys);
+
 // ---- Paged attention ---------------------------------------------------------------------------------
 // Cache layout: [num_blocks, n_kv, block_size, D]; slot = block * block_size + offset.
 // key/value [T, n_kv, D]; slot_mapping [T] int64, negative = padding (skipped).
@@ -75,6 +81,8 @@ at::Tensor moe_down_combine_cuda(const at::Tensor& act, const at::Tensor& w2, co
                                  const at::Tensor& block_expert_ids, const at::Tensor& num_padded,
                                  const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_out,
                                  int64_t block_m);
+at::Tensor draw_top_k_top_p_cuda(const at::Tensor& values, const at::Tensor& token_ids, const at::Tensor& top_ks,
+                                 const at::Tensor& top_ps, const at::Tensor& keys);
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                             at::Tensor& value_cache, const at::Tensor& slot_mapping);
 at::Tensor paged_attention_decode_cuda(const at::Tensor& query, const at::Tensor& key_cache,

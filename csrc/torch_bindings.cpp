@@ -19,6 +19,8 @@ TORCH_LIBRARY(xverse, m) {
   m.def("add_rmsnorm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rope_cache(Tensor(a!) query, Tensor key, Tensor value, Tensor(b!) key_cache, Tensor(c!) value_cache, "
         "Tensor slot_mapping, Tensor positions, Tensor cos_sin) -> ()");
+  // Sampling: the draw among the top-k / top-p survivors of each row (contract: ops/sampling.py)
+  m.def("draw_top_k_top_p(Tensor values, Tensor token_ids, Tensor top_ks, Tensor top_ps, Tensor keys) -> Tensor");
   // Paged attention
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping) -> ()");
@@ -37,6 +39,7 @@ TORCH_LIBRARY_IMPL(xverse, CPU, m) {
   m.impl("moe_down_combine", &xverse::moe_down_combine_cpu);
   m.impl("add_rmsnorm", &xverse::add_rmsnorm_cpu);
   m.impl("rope_cache", &xverse::rope_cache_cpu);
+  m.impl("draw_top_k_top_p", &xverse::draw_top_k_top_p_cpu);
   m.impl("reshape_and_cache", &xverse::reshape_and_cache_cpu);
   m.impl("paged_attention_decode", &xverse::paged_attention_decode_cpu);
   m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cpu);
@@ -50,6 +53,7 @@ TORCH_LIBRARY_IMPL(xverse, CUDA, m) {
   m.impl("moe_down_combine", &xverse::moe_down_combine_cuda);
   m.impl("add_rmsnorm", &xverse::add_rmsnorm_cuda);
   m.impl("rope_cache", &xverse::rope_cache_cuda);
+  m.impl("draw_top_k_top_p", &xverse::draw_top_k_top_p_cuda);
   m.impl("reshape_and_cache", &xverse::reshape_and_cache_cuda);
   m.impl("paged_attention_decode", &xverse::paged_attention_decode_cuda);
   m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cuda);

@@ -3,8 +3,8 @@ pure-PyTorch twin. The emulated op goes through the op's real CUDA launcher (che
 arithmetic, split-K partition counts), and its kernels run with real barriers, warp shuffles, mma.sync and
 cp.async emulated from the PTX ISA.
 
-The case grid is the CPU op tests' (test_moe_ops.py, test_attention_ops.py, whose helpers this reuses) cut
-down to emulation-friendly sizes: a 128-thread block costs about 128 thread wake-ups per barrier.
+The case grid is the CPU op tests' (test_moe_ops.py, test_attention_ops.py, test_sampling_ops.py, whose helpers
+this reuses) cut down to emulation-friendly sizes: a 128-thread block costs about 128 thread wake-ups per barrier.
 """
 import itertools
 
@@ -13,9 +13,11 @@ import torch
 
 import test_attention_ops as attention_cases
 import test_moe_ops as moe_cases
+import test_sampling_ops as sampling_cases
 from xverse_engine.ops import attention as attn
 from xverse_engine.ops import emulated
 from xverse_engine.ops import moe
+from xverse_engine.ops import sampling
 
 pytestmark = pytest.mark.emu
 
@@ -228,3 +230,38 @@ def test_launcher_checks_run_too(emu):
     with pytest.raises(RuntimeError, match="head_dim must be one of 64, 80, 96, 128"):
         emu.paged_attention_decode(torch.randn(2, 4, 40), key_cache[..., :40].contiguous(),
                                    value_cache[..., :40].contiguous(), tables, lens, 0.1)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+# draw_top_k_top_p: one warp per row; widths that cover one lane, part of a warp, several warp-sized chunks with a
+# tail (the scan's carry) and the kernel's 1024 limit.
+
+@pytest.mark.parametrize("rows,width", [(3, 1), (10, 7), (20, 32), (12, 45), (10, 100), (2, 1024)])
+def test_draw_top_k_top_p(emu, rows, width):
+    for seed in range(2):
+        args = sampling_cases.draw_inputs(rows, width, seed=seed)
+        expected = sampling.draw_top_k_top_p_torch(*args)
+        assert torch.equal(emu.draw_top_k_top_p(*args), expected), f"emulated draw B={rows} K={width} seed={seed}"
+
+
+def test_draw_top_k_top_p_hand_made_rules(emu):
+    """The exact top-p boundary (equal values: the rank whose mass before equals top_p is removed), and rank 0
+    when every value is -inf or top_p = 0."""
+    rows = 64
+    boundary = (torch.zeros(rows, 4), torch.tensor([[10, 11, 12, 13]]).repeat(rows, 1),
+                torch.zeros(rows, dtype=torch.int64), torch.full((rows,), 0.5), torch.arange(rows) * 7919)
+    assert set(emu.draw_top_k_top_p(*boundary).tolist()) == {10, 11}
+    values = torch.tensor([[float("-inf")] * 5, [3.0, 2.0, 1.0, 0.0, -1.0]])
+    token_ids = torch.tensor([[40, 41, 42, 43, 44], [50, 51, 52, 53, 54]])
+    nothing_kept = (values, token_ids, torch.tensor([0, 0]), torch.tensor([1.0, 0.0]), torch.tensor([123, 456]))
+    assert emu.draw_top_k_top_p(*nothing_kept).tolist() == [40, 50]
+
+
+def test_draw_top_k_top_p_launcher_checks(emu):
+    args = sampling_cases.draw_inputs(2, sampling.MAX_CUDA_CANDIDATES + 1)
+    with pytest.raises(RuntimeError, match="at most 1024 candidates per row, got K = 1025"):
+        emu.draw_top_k_top_p(*args)
+    values, token_ids, top_ks, top_ps, keys = sampling_cases.draw_inputs(2, 8)
+    with pytest.raises(RuntimeError, match="top_ps must be float32"):
+        emu.draw_top_k_top_p(values, token_ids, top_ks, top_ps.double(), keys)
+    assert emu.draw_top_k_top_p(*sampling_cases.draw_inputs(0, 8)).shape == (0,)

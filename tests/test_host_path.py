@@ -206,8 +206,8 @@ def test_warm_up_runs_the_largest_step_with_sampling(moe_ckpt, monkeypatch):
     forwards, samples = [], []
     real_forward, real_sample = engine.model.forward, model_runner.sample
     engine.model.forward = lambda ids, pos, meta, kv: (forwards.append(meta), real_forward(ids, pos, meta, kv))[1]
-    monkeypatch.setattr(model_runner, "sample", lambda logits, batch: (samples.append((logits.shape, batch)),
-                                                                       real_sample(logits, batch))[1])
+    monkeypatch.setattr(model_runner, "sample", lambda logits, batch, *kernels: (
+        samples.append((logits.shape, batch)), real_sample(logits, batch, *kernels))[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     engine.runner._warm_up()
     assert len(forwards) == 1
@@ -426,7 +426,8 @@ def test_a_penalty_below_one_in_the_batch_turns_the_penalty_shortcut_off(moe_ckp
               for p in (0.7, 1.3)]
     prompts = prompts_of_lengths([5, 6])
     flags, real = [], model_runner.sample
-    model_runner.sample = lambda logits, batch: (flags.append(batch.penalties_at_least_one), real(logits, batch))[1]
+    model_runner.sample = lambda logits, batch, *kernels: (flags.append(batch.penalties_at_least_one),
+                                                          real(logits, batch, *kernels))[1]
     try:
         together = make_engine(moe_ckpt).generate(prompt_token_ids=prompts, sampling_params=params)
         assert set(flags) == {False}
@@ -533,7 +534,8 @@ def test_engine_asks_for_the_top_k_width_only(moe_ckpt):
     seen = []
     from xverse_engine.engine import model_runner
     real = model_runner.sample
-    model_runner.sample = lambda logits, batch: (seen.append(batch.num_candidates), real(logits, batch))[1]
+    model_runner.sample = lambda logits, batch, *kernels: (seen.append(batch.num_candidates),
+                                                          real(logits, batch, *kernels))[1]
     try:
         engine.generate(prompt_token_ids=prompts_of_lengths([4, 5]), sampling_params=[
             SamplingParams(max_new_tokens=3, temperature=1.0, top_k=30, top_p=0.85, seed=1, ignore_eos=True),

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from xverse_engine.ops import extension_available
 from xverse_engine.layers.sampler import (SamplingBatch, apply_repetition_penalty, apply_repetition_penalty_mask,
                                           filter_top_k_top_p, gumbel_noise, gumbel_noise_at, row_keys, sample)
 
@@ -159,6 +160,9 @@ def make_batch(rows, vocab, num_logprobs=-1, keys=False):
 
 
 VOCAB = 64
+# who draws among the top-k / top-p survivors: the twin, and the fused C++ op when the extension is built
+KERNELS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not extension_available(), reason="the C++ extension is not built (pip install -e .)"))]
 ROWS = [   # (seed, step, temperature, top_k, top_p, repetition penalty, seen tokens)
     (11, 0, 0.0, 0, 1.0, 1.0, ()),              # greedy
     (12, 3, 1.0, 0, 1.0, 1.0, ()),              # the whole vocabulary
@@ -182,10 +186,11 @@ def logits_for(num_rows, seed=0):
     return torch.randn(num_rows, VOCAB, generator=generator) * 1.5
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("keys", [False, True])
-def test_each_row_draws_what_the_rules_say_in_a_mixed_batch(keys):
+def test_each_row_draws_what_the_rules_say_in_a_mixed_batch(keys, kernels):
     logits = logits_for(len(MANY))
-    tokens, top = sample(logits, make_batch(MANY, VOCAB, keys=keys))
+    tokens, top = sample(logits, make_batch(MANY, VOCAB, keys=keys), kernels)
     expected = [spec_draw(logits[i], *r) for i, r in enumerate(MANY)]
     assert tokens.tolist() == expected and top is None
     # the test can tell a draw from the argmax: most sampled rows do not take it
@@ -193,20 +198,22 @@ def test_each_row_draws_what_the_rules_say_in_a_mixed_batch(keys):
     assert sum(tokens[i].item() != logits[i].argmax().item() for i in sampled) > len(sampled) // 2
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("index", range(len(ROWS)))
-def test_a_row_draws_the_same_alone(index):
+def test_a_row_draws_the_same_alone(index, kernels):
     logits = logits_for(len(ROWS))
-    together, _ = sample(logits, make_batch(ROWS, VOCAB))
-    alone, _ = sample(logits[index:index + 1], make_batch(ROWS[index:index + 1], VOCAB))
+    together, _ = sample(logits, make_batch(ROWS, VOCAB), kernels)
+    alone, _ = sample(logits[index:index + 1], make_batch(ROWS[index:index + 1], VOCAB), kernels)
     assert alone.item() == together[index].item()
 
 
-def test_unfiltered_rows_draw_over_the_whole_vocabulary_beside_narrow_top_k_rows():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_unfiltered_rows_draw_over_the_whole_vocabulary_beside_narrow_top_k_rows(kernels):
     rows = [(s, 0, 1.0, 3, 1.0, 1.0, ()) if s % 2 else (s, 0, 1.3, 0, 1.0, 1.0, ()) for s in range(16)]
     logits = logits_for(16, seed=5)
     batch = make_batch(rows, VOCAB)
     assert batch.num_candidates == 3 and batch.any_unfiltered
-    tokens, _ = sample(logits, batch)
+    tokens, _ = sample(logits, batch, kernels)
     assert tokens.tolist() == [spec_draw(logits[i], *r) for i, r in enumerate(rows)]
     top3 = logits.topk(3).indices
     assert any(tokens[i] not in top3[i] for i in range(0, 16, 2))     # the test can tell
@@ -244,18 +251,19 @@ def test_temperature_sharpens_and_flattens_the_draws():
     assert (half == 0).sum() > (one == 0).sum()     # colder: the best token more often
 
 
-def test_the_candidate_width_does_not_change_any_draw():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_the_candidate_width_does_not_change_any_draw(kernels):
     """Top-k rows draw among their K best: asking for more candidates (up to the whole vocabulary) changes
     nothing."""
     rows = [(s, 2, 0.9, 6, 0.95, 1.0, ()) for s in range(16)]
     logits = logits_for(16, seed=2)
     batch = make_batch(rows, VOCAB)
     assert batch.num_candidates == 6
-    narrow, _ = sample(logits, batch)
+    narrow, _ = sample(logits, batch, kernels)
     batch.num_candidates = VOCAB
-    wide, _ = sample(logits, batch)
+    wide, _ = sample(logits, batch, kernels)
     batch.num_candidates = 0          # 0: the whole vocabulary
-    whole, _ = sample(logits, batch)
+    whole, _ = sample(logits, batch, kernels)
     assert narrow.tolist() == wide.tolist() == whole.tolist() == [spec_draw(logits[i], *r) for i, r in enumerate(rows)]
 
 

@@ -16,6 +16,7 @@ TORCH_LIBRARY_IMPL(xverse_emu, CPU, m) {
   m.impl("moe_down_combine", &xverse::moe_down_combine_cuda);
   m.impl("add_rmsnorm", &xverse::add_rmsnorm_cuda);
   m.impl("rope_cache", &xverse::rope_cache_cuda);
+  m.impl("draw_top_k_top_p", &xverse::draw_top_k_top_p_cuda);
   m.impl("reshape_and_cache", &xverse::reshape_and_cache_cuda);
   m.impl("paged_attention_decode", &xverse::paged_attention_decode_cuda);
   m.impl("paged_attention_prefill", &xverse::paged_attention_prefill_cuda);

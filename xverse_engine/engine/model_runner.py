@@ -193,7 +193,7 @@ class ModelRunner:
 
     def _sample(self, logits, inputs: StepInputs) -> StepOutput:
         # logits: [S, V] fp32
-        tokens, top = sample(logits, inputs.sampling)
+        tokens, top = sample(logits, inputs.sampling, self.kernels)
         if inputs.penalised:
             self.batch.update_penalty_mask(inputs.batch_rows, tokens)
         self.batch.last_sampled = tokens

@@ -17,7 +17,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+# the noise and the top-k / top-p rule live with the fused draw op (ops/sampling.py); re-exported here
+from ..ops.sampling import MASK32, _fmix32, gumbel_noise_at, row_keys  # noqa: F401
+from ..ops.sampling import draw_top_k_top_p, removed_ranks as _removed_ranks
 
 
 @dataclass
@@ -46,32 +48,6 @@ class TopLogprobs(NamedTuple):
     chosen: torch.Tensor                    # [B] fp32: logprob of the sampled token
     values: torch.Tensor                    # [B, n] fp32: the n best logprobs, best first
     token_ids: torch.Tensor                 # [B, n] int64
-
-
-def _fmix32(x):
-    # the murmur3 finaliser on values held in int64 (only the low 32 bits are kept)
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & MASK32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & MASK32
-    return x ^ (x >> 16)
-
-
-def row_keys(seeds, steps):
-    """The 32-bit key of each row's draw, from (seed, step): [B] int64. Works on torch tensors and on
-    numpy int64 arrays alike (the engine computes it on the host; two's-complement wrap-around of the
-    products only touches bits that the masks drop)."""
-    seeds = seeds & MASK32 ^ ((seeds >> 32) & MASK32)
-    return _fmix32(seeds ^ _fmix32((steps * 0x9E3779B9) & MASK32))
-
-
-def gumbel_noise_at(seeds, steps, token_ids, keys=None):
-    """Deterministic Gumbel(0, 1) noise of (seed, step, token id). seeds, steps: [B]; token_ids: [B, K] or
-    [K]; keys: row_keys(seeds, steps) when already known."""
-    row = row_keys(seeds, steps) if keys is None else keys                               # [B]
-    bits = _fmix32((row[:, None] ^ ((token_ids * 0x27D4EB2F) & MASK32)) & MASK32)        # [B, K]
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))                 # (0, 1)
-    return -torch.log(-torch.log(uniform))
 
 
 def gumbel_noise(seeds, steps, vocab_size: int, keys=None):
@@ -110,34 +86,17 @@ def filter_top_k_top_p(logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool)
     return logits.masked_fill(remove_in_place, float("-inf"))
 
 
-def _removed_ranks(sorted_logits, top_ks, top_ps, any_top_k: bool, any_top_p: bool):
-    # sorted_logits: [B, K] best first -> [B, K] bool: which ranks top-k, then top-p, remove
-    width = sorted_logits.shape[-1]
-    remove = None
-    if any_top_k:
-        ranks = torch.arange(width, device=sorted_logits.device)[None, :]
-        remove = ranks >= torch.where(top_ks > 0, top_ks, width)[:, None]
-    if any_top_p:
-        kept = sorted_logits if remove is None else sorted_logits.masked_fill(remove, float("-inf"))
-        probs = kept.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        beyond = mass_before >= top_ps[:, None]      # keep the smallest prefix reaching top_p (>= 1 token)
-        remove = beyond if remove is None else remove | beyond
-    return torch.zeros_like(sorted_logits, dtype=torch.bool) if remove is None else remove
-
-
-def _draw_filtered(scaled, batch: SamplingBatch):
-    # scaled: [B, V] -> [B] token drawn among the top-k / top-p survivors
+def _draw_filtered(scaled, batch: SamplingBatch, kernels: str):
+    # scaled: [B, V] -> [B] token drawn among the top-k / top-p survivors: one topk, then the fused draw
     k = batch.num_candidates or scaled.shape[-1]
     values, token_ids = scaled.topk(min(k, scaled.shape[-1]), dim=-1)                  # [B, K] best first
-    remove = _removed_ranks(values, batch.top_ks, batch.top_ps, batch.any_top_k, batch.any_top_p)
-    noisy = values.masked_fill(remove, float("-inf")) + gumbel_noise_at(batch.seeds, batch.steps, token_ids,
-                                                                         batch.keys)
-    return token_ids.gather(1, noisy.argmax(dim=-1, keepdim=True)).squeeze(1)
+    keys = batch.keys if batch.keys is not None else row_keys(batch.seeds, batch.steps)
+    return draw_top_k_top_p(values, token_ids, batch.top_ks, batch.top_ps, keys, kernels)
 
 
-def sample(logits, batch: SamplingBatch):
-    """logits: [B, V] fp32 -> (next token ids [B] int64, TopLogprobs of the raw logits, or None)."""
+def sample(logits, batch: SamplingBatch, kernels: str = "torch"):
+    """logits: [B, V] fp32 -> (next token ids [B] int64, TopLogprobs of the raw logits, or None). kernels: who
+    draws among the top-k / top-p survivors ("torch": the twin; "cpu" / "cuda": the fused op)."""
     top = None
     if batch.num_logprobs >= 0:
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -155,7 +114,7 @@ def sample(logits, batch: SamplingBatch):
             sampled = batch.temperatures > 0
             scaled = logits / torch.where(sampled, batch.temperatures, 1.0)[:, None]
         if batch.any_top_k or batch.any_top_p:
-            drawn = _draw_filtered(scaled, batch)
+            drawn = _draw_filtered(scaled, batch, kernels)
             if batch.any_unfiltered:
                 filtered = (batch.top_ks > 0) | (batch.top_ps < 1)
                 whole = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[-1], batch.keys)).argmax(-1)

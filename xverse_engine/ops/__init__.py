@@ -8,8 +8,10 @@ from .attention import paged_attention_decode, paged_attention_prefill, reshape_
 from .extension import KERNEL_CHOICES, extension_available, extension_built_with_cuda, resolve_kernels
 from .fused import add_rmsnorm, rope_cache
 from .moe import fused_moe
+from .sampling import draw_top_k_top_p
 
 __all__ = [
     "KERNEL_CHOICES", "extension_available", "extension_built_with_cuda", "resolve_kernels",
     "fused_moe", "add_rmsnorm", "rope_cache", "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
+    "draw_top_k_top_p",
 ]
