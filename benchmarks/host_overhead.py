@@ -14,7 +14,14 @@ cannot inflate; each is the median over --repeats runs of the median of --steps 
 the real engine: the embedded tiny model's tokenizer and config (its weights are never used), the real
 scheduler, block manager, persistent batch, sampler code, and asynchronous stepping.
 
+On a GPU, --simulate-gpu-ms X also measures how much of that host time hides under device work: the stub's
+forward then keeps the GPU busy for X ms per step (a spin kernel, torch.cuda._sleep, calibrated first) and the
+wall time per step W is compared with the host time H of the plain run and the device time G = X:
+hidden = (H + G - W) / H, clipped to [0, 1] (1: the host prepares the next step entirely while the GPU runs
+this one; 0: host and device take turns).
+
     python -m benchmarks.host_overhead --json host.json
+    python -m benchmarks.host_overhead --device cuda --simulate-gpu-ms 25 --json host_gpu.json
 """
 import argparse
 import dataclasses
@@ -54,18 +61,43 @@ def stub_checkpoint(directory: str, vocab: int) -> str:
 
 
 class StubCompute:
-    """Replaces the model's forward and lm_head with slices of preallocated tensors."""
+    """Replaces the model's forward and lm_head with slices of preallocated tensors; with spin_cycles > 0 (a CUDA
+    device) the forward also keeps the GPU busy that many clock cycles, as a real model's kernels would."""
 
-    def __init__(self, engine, max_tokens: int, max_rows: int, seed: int = 0):
+    def __init__(self, engine, max_tokens: int, max_rows: int, seed: int = 0, spin_cycles: int = 0):
         model, config, device = engine.model, engine.config, engine.device
         generator = torch.Generator().manual_seed(seed)
         self.hidden = torch.zeros((max_tokens, config.hidden_size), dtype=engine.dtype, device=device)
         self.logits = (torch.randn((max_rows, config.vocab_size), generator=generator) * 4).to(device)
-        model.forward = lambda input_ids, positions, meta, kv_caches: self.hidden[:input_ids.shape[0]]
+
+        def forward(input_ids, positions, meta, kv_caches):
+            if spin_cycles:
+                torch.cuda._sleep(spin_cycles)
+            return self.hidden[:input_ids.shape[0]]
+        model.forward = forward
         model.compute_logits = lambda hidden: self.logits[:hidden.shape[0]]
 
 
-def measure(path: str, batch: int, sampling: str, args) -> dict:
+def spin_cycles_for(milliseconds: float, device) -> int:
+    """How many cycles of torch.cuda._sleep keep the GPU busy for `milliseconds` (measured: clocks vary)."""
+    probe = 10_000_000
+    torch.cuda._sleep(probe)   # warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    return int(probe * milliseconds / start.elapsed_time(end))
+
+
+def hidden_fraction(host_ms: float, gpu_ms: float, wall_ms: float) -> float:
+    """The share of the host time per step that overlaps the device's: (H + G - W) / H, clipped to [0, 1]."""
+    if host_ms <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (host_ms + gpu_ms - wall_ms) / host_ms))
+
+
+def measure(path: str, batch: int, sampling: str, args, spin_cycles: int = 0) -> dict:
     block_size = 16
     prefill_budget = min(batch * args.context, 16384)
     prefill_steps = -(-batch * args.context // prefill_budget)   # the first sequences decode meanwhile
@@ -76,7 +108,7 @@ def measure(path: str, batch: int, sampling: str, args) -> dict:
                     max_num_seqs=batch, max_model_len=max_model_len, block_size=block_size,
                     num_kv_blocks=batch * blocks_per_seq, max_num_batched_tokens=max(prefill_budget, batch),
                     enable_prefix_caching=True, show_progress=False, async_scheduling=not args.sync)
-    StubCompute(engine, max(prefill_budget, batch), batch)
+    StubCompute(engine, max(prefill_budget, batch), batch, spin_cycles=spin_cycles)
     params = SAMPLING[sampling]
     params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
     vocab = engine.config.vocab_size
@@ -121,8 +153,16 @@ def parse_args(argv=None):
                    help="the engine's kernels (default: its own default); with the model stubbed they only decide who "
                         "draws among the top-k / top-p survivors: the fused op, or its pure-PyTorch twin (torch)")
     p.add_argument("--sync", action="store_true", help="synchronous stepping (default: asynchronous)")
+    p.add_argument("--simulate-gpu-ms", type=float, default=0.0, metavar="MS",
+                   help="CUDA only: also run each case with the GPU kept busy MS per step and report how much of the "
+                        "host time hides under it (e.g. 25: a B=256 step of the real model at 1k context on an H100)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.simulate_gpu_ms < 0:
+        p.error("--simulate-gpu-ms must be >= 0")
+    if args.simulate_gpu_ms and not args.device.startswith("cuda"):
+        p.error("--simulate-gpu-ms needs a CUDA device (--device cuda): it keeps the GPU busy to measure the overlap")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -131,9 +171,17 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         path = stub_checkpoint(directory, args.vocab)
         rows = [measure(path, b, s, args) for b in args.batch_sizes for s in args.sampling]
+        if args.simulate_gpu_ms:
+            cycles = spin_cycles_for(args.simulate_gpu_ms, args.device)
+            for row in rows:
+                busy = measure(path, row["batch"], row["sampling"], args, spin_cycles=cycles)
+                row["simulated_gpu_ms"] = args.simulate_gpu_ms
+                row["wall_ms_with_gpu_busy"] = busy["wall_ms"]
+                row["host_hidden_fraction"] = hidden_fraction(row["cpu_ms"], args.simulate_gpu_ms, busy["wall_ms"])
     payload = {"benchmark": "host_overhead", "machine": machine_info(args.device),
                "settings": {"context": args.context, "steps": args.steps, "repeats": args.repeats,
                             "vocab": args.vocab, "async_scheduling": not args.sync, "kernels": args.kernels,
+                            "simulated_gpu_ms": args.simulate_gpu_ms,
                             "stub": "forward and lm_head replaced by slices of preallocated tensors"},
                "results": rows}
     write_json(args.json, payload)
@@ -147,6 +195,11 @@ def main(argv=None) -> dict:
                        ("meets_goal_wall", "met (wall)", "{}")])
     print("wall: time per step.step() call; CPU: this thread's CPU time in it (what other processes on a shared "
           "machine cannot inflate)")
+    if args.simulate_gpu_ms:
+        print(f"\nwith the GPU kept busy {args.simulate_gpu_ms} ms per step: how much of the host time hides under it")
+        print_table(rows, [("batch", "B", "{}"), ("sampling", "sampling", "{}"), ("cpu_ms", "host ms", "{:.3f}"),
+                           ("simulated_gpu_ms", "GPU ms", "{:.1f}"), ("wall_ms_with_gpu_busy", "wall ms", "{:.3f}"),
+                           ("host_hidden_fraction", "hidden", "{:.0%}")])
     return payload
 
 

@@ -144,6 +144,9 @@ optional_module attention benchmarks.kernels.bench_attention 45 --json "$OUT/ben
 # The largest batch: the engine alone (the reference path at this size would not fit the budget).
 bench_step max_batch 90 "$PY" -m benchmarks.throughput "${MODEL[@]}" "${KERNELS[@]}" --max-batch --input-len 512 \
   --output-len 256 --json "$OUT/throughput_max_batch.json"
+# Host time per step (model stubbed), and how much of it hides under 25 ms of device work per step (issue 11).
+bench_step host_overhead 60 "$PY" -m benchmarks.host_overhead --device cuda "${KERNELS[@]}" --batch-sizes 64 256 \
+  --sampling defaults topk_topp_logprobs --repeats 2 --steps 20 --simulate-gpu-ms 25 --json "$OUT/host_overhead.json"
 
 # Merge every JSON and the step records into summary.json; print the table last.
 OUT="$OUT" WORK="$WORK" TOTAL=$(( $(date +%s) - START )) timeout 30 "$PY" - <<'PY'
@@ -168,6 +171,9 @@ json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 
 
 def headline(name, r):
+    if r.get("benchmark") == "host_overhead":
+        return "; ".join(f"B={x['batch']} {x['sampling']}: host {x['cpu_ms']:.2f} ms, "
+                         f"{100 * x.get('host_hidden_fraction', 0):.0f}% hidden" for x in r["results"])
     if "results" not in r or not isinstance(r["results"], dict):
         return ", ".join(k for k in r if k not in ("machine",))[:90]
     res, roof = r["results"], r.get("roofline", {})

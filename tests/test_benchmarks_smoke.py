@@ -143,3 +143,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_host_overhead_json_and_its_goals(tmp_path):
+    from benchmarks import host_overhead
+    out = tmp_path / "h.json"
+    payload = host_overhead.main(["--batch-sizes", "1", "--sampling", "greedy", "topk_topp_logprobs", "--context",
+                                  "40", "--steps", "3", "--repeats", "2", "--warmup", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == payload["results"] and saved["settings"]["kernels"] == "auto"
+    greedy, sampled = payload["results"]
+    assert (greedy["batch"], greedy["sampling"], greedy["goal_ms"]) == (1, "greedy", 0.1)
+    assert sampled["goal_ms"] is None and sampled["meets_goal_cpu"] is None
+    for row in payload["results"]:
+        assert positive(row["wall_ms"]) and positive(row["cpu_ms"])
+        assert row["wall_min_ms"] <= row["wall_ms"] <= row["wall_max_ms"]
+
+
+def test_host_time_hidden_under_the_gpu():
+    from benchmarks.host_overhead import hidden_fraction
+    assert hidden_fraction(host_ms=1.0, gpu_ms=25.0, wall_ms=25.0) == 1.0     # prepared while the GPU ran
+    assert hidden_fraction(host_ms=1.0, gpu_ms=25.0, wall_ms=26.0) == 0.0     # host and GPU took turns
+    assert hidden_fraction(host_ms=2.0, gpu_ms=25.0, wall_ms=25.5) == pytest.approx(0.75)
+    assert hidden_fraction(host_ms=1.0, gpu_ms=25.0, wall_ms=24.0) == 1.0     # clipped (timer noise)
+
+
+def test_host_overhead_needs_a_gpu_to_simulate_one(capsys):
+    from benchmarks import host_overhead
+    with pytest.raises(SystemExit):
+        host_overhead.parse_args(["--simulate-gpu-ms", "25"])
+    assert "--simulate-gpu-ms needs a CUDA device" in capsys.readouterr().err
