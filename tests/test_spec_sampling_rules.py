@@ -50,6 +50,17 @@ def test_row_keys_are_the_documented_hash():
     assert row_keys(seeds, steps).tolist() == [spec_key(s, t) for s, t in zip(SEEDS, steps.tolist())]
 
 
+def test_the_hosts_row_keys_are_the_documented_hash():
+    # the engine computes the keys on the host, with the seeds folded once per batch and 32-bit arithmetic
+    import numpy as np
+    from xverse_engine.ops.sampling import fold_seeds, row_keys_host
+    seeds = np.array(SEEDS, dtype=np.int64)
+    steps = np.array([0, 1, 7, 100, 3, 2, 9], dtype=np.int64) + np.array([0, 0, 0, 0, 1 << 33, 123457, 5])
+    keys = row_keys_host(fold_seeds(seeds), steps)
+    assert keys.dtype == np.uint32
+    assert keys.tolist() == [spec_key(s, t) for s, t in zip(SEEDS, steps.tolist())]
+
+
 def test_noise_is_the_documented_hash_of_seed_step_and_token():
     seeds = torch.tensor(SEEDS, dtype=torch.int64)
     steps = torch.arange(len(SEEDS), dtype=torch.int64) * 3

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..layers.attention import AttentionMetadata
-from ..layers.sampler import SamplingBatch, row_keys
+from ..layers.sampler import SamplingBatch
+from ..ops.sampling import fold_seeds, row_keys_host
 
 
 @dataclass
@@ -222,7 +223,7 @@ class InputBatch:
         keys = None
         if fixed.needs_keys:   # the draw's counter: tokens generated so far
             last_tokens = context_lens if fixed.sample_flags is None else context_lens[fixed.sample_flags]
-            keys = row_keys(fixed.seeds, last_tokens - fixed.num_prompt)
+            keys = row_keys_host(fixed.folded_seeds, last_tokens - fixed.num_prompt)
         host_ids, pending_at, pending_from = host_inputs or (None, None, None)
         longs, ints = self.upload_packed([host_ids, positions, slots, keys, pending_at, pending_from],
                                          [context_lens, tables])
@@ -278,7 +279,7 @@ class InputBatch:
         fixed.seen_rows = seen_rows if isinstance(seen_rows, slice) else srows_d
         fixed.logprobs = logprobs
         fixed.needs_keys = bool(sampled.any())
-        fixed.seeds, fixed.num_prompt = self.seed[srows], self.num_prompt[srows]
+        fixed.folded_seeds, fixed.num_prompt = fold_seeds(self.seed[srows]), self.num_prompt[srows]
         fixed.sampling_fields = dict(
             temperatures=temperature_d.view(torch.float32), top_ks=top_k_d, top_ps=top_p_d.view(torch.float32),
             repetition_penalties=penalty_d.view(torch.float32), seeds=None, steps=None,
@@ -307,7 +308,7 @@ class FixedInputs:
     seen_rows: object = None         # the sampling rows of the penalty mask: a slice, or an index tensor
     logprobs: list = dataclasses.field(default_factory=list)
     needs_keys: bool = False         # some row draws (temperature > 0)
-    seeds: Optional[np.ndarray] = None       # [S] int64
+    folded_seeds: Optional[np.ndarray] = None   # [S] uint32: fold_seeds of the rows' seeds
     num_prompt: Optional[np.ndarray] = None  # [S] int64
     sampling_fields: Optional[dict] = None    # SamplingBatch fields but keys and seen_mask, which change every step
     sampling: Optional[SamplingBatch] = None  # of those fields alone (a greedy step without penalty uses it as is)

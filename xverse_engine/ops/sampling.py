@@ -22,6 +22,7 @@ differ from the twin's only where a cumulative mass equals top_p, or two candida
 a few units in the last place. NaN values are not supported (the twin's argmax would pick a NaN; the kernels
 skip it).
 """
+import numpy as np
 import torch
 
 from .extension import extension_available
@@ -47,6 +48,31 @@ def row_keys(seeds, steps):
     products only touches bits that the masks drop)."""
     seeds = seeds & MASK32 ^ ((seeds >> 32) & MASK32)
     return _fmix32(seeds ^ _fmix32((steps * 0x9E3779B9) & MASK32))
+
+
+def fold_seeds(seeds):
+    """The 32 bits of each int64 seed that row_keys uses, as a numpy uint32 array: [B]."""
+    return (seeds & MASK32 ^ ((seeds >> 32) & MASK32)).astype(np.uint32)
+
+
+def row_keys_host(folded_seeds, steps):
+    """row_keys on the host for seeds already folded (fold_seeds, once per batch): the same keys, as uint32,
+    in native 32-bit arithmetic (no masks) and in place: about half the numpy calls of row_keys. steps: [B]."""
+    x = steps.astype(np.uint32)
+    x *= np.uint32(0x9E3779B9)
+    x = _fmix32_u32(x)
+    x ^= folded_seeds
+    return _fmix32_u32(x)
+
+
+def _fmix32_u32(x):
+    # _fmix32 on a numpy uint32 array, in place: products wrap at 2**32 by themselves
+    x ^= x >> 16
+    x *= np.uint32(0x85EBCA6B)
+    x ^= x >> 13
+    x *= np.uint32(0xC2B2AE35)
+    x ^= x >> 16
+    return x
 
 
 def gumbel_noise_at(seeds, steps, token_ids, keys=None):
