@@ -113,7 +113,8 @@ class Engine:
         default_budget = 8192 if self.device.type == "cuda" else 2048
         self.max_num_batched_tokens = max_num_batched_tokens or max(default_budget, max_num_seqs)
         if self.max_num_batched_tokens < max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs={max_num_seqs}: "
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below "
+                             f"max_num_seqs={max_num_seqs}: "
                              f"a step must hold one token of every running sequence; raise max_num_batched_tokens "
                              f"or lower max_num_seqs")
 

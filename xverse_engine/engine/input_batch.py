@@ -265,8 +265,8 @@ class InputBatch:
             [sample_rows, srows, top_k], [query_start, temperature.view(np.int32),
                                           top_p.view(np.int32), penalty.view(np.int32)])
         fixed = FixedInputs(rows=rows_np, rows_slice=_as_slice(rows_np), table_base=rows_np * self.block_table.shape[1],
-                            query_start=query_start,
-                            query_start_d=query_start_d, sample_flags=flags, num_sampling=num_sampling,
+                            query_start=query_start, query_start_d=query_start_d, sample_flags=flags,
+                            num_sampling=num_sampling,
                             sample_rows_d=sample_rows_d, batch_rows_d=srows_d, seqs=sampling_seqs)
         if not num_sampling:
             return fixed

@@ -10,7 +10,9 @@ No full-vocabulary sort: top-k and top-p only ever keep tokens among the K = max
 noise is the same function of the token id either way, so the draw equals a draw over the whole masked
 vocabulary. Rows without top-k or top-p draw over the whole vocabulary (an argmax, no sort). The one case
 that needs every token ordered is top-p without top-k: the caller then passes K = V, a full sort.
-K comes from the host's sampling parameters, so nothing here waits for the device.
+K comes from the host's sampling parameters, so nothing here waits for the device. After the `topk`, the draw
+among the survivors (top-k, top-p, noise, argmax) is one fused op, ops.sampling.draw_top_k_top_p, or its
+PyTorch twin when kernels="torch".
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional

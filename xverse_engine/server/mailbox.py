@@ -40,9 +40,10 @@ class RequestGroup:
     """The engine requests of one HTTP call (prompts x n choices) and the one wake-up its handler waits on.
 
     put() runs on the engine thread (or on the asyncio loop, for an engine in its own process), next() on the
-    asyncio loop; a lock guards the mailboxes, and at most one wake-up is asked for until the handler has looked. `wake_every` tokens: the handler is woken when a choice
-    has its first token, or this many new tokens, or finished (a stream's chunk size: fewer wake-ups and SSE
-    writes per token); None wakes it only when a choice finished (a call that answers all at once)."""
+    asyncio loop; a lock guards the mailboxes, and at most one wake-up is asked for until the handler has looked.
+    `wake_every` tokens: the handler is woken when a choice has its first token, or this many new tokens, or
+    finished (a stream's chunk size: fewer wake-ups and SSE writes per token); None wakes it only when a choice
+    finished (a call that answers all at once)."""
 
     def __init__(self, inputs: list, loop: asyncio.AbstractEventLoop, wake_every: Optional[int] = 1):
         if wake_every is not None and wake_every < 1:
