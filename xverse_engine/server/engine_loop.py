@@ -8,76 +8,38 @@ bounded because admission is refused (ServerBusy -> 503) once too many requests 
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from ..engine.engine import RequestError
+from .engine_state import EngineState
 from .mailbox import Delta, NotReady, RequestGroup, ServerBusy, delta_of  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("xverse_engine.serve")
 
 
-class EngineLoop:
+class EngineLoop(EngineState):
     """Owns the Engine on one thread. `engine_factory` builds it there (so the server answers 503 while a
     large checkpoint loads). `on_stats(stats)`, `on_finished(output)` and `on_step(seconds in Engine.step)` feed
     the metrics; `on_load_failure(error)` lets the server stop."""
 
     def __init__(self, engine_factory: Callable, *, max_waiting_requests: int = 512, on_stats: Callable = None,
                  on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
-        if max_waiting_requests < 1:
-            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
-        self.max_waiting_requests = max_waiting_requests
+        super().__init__(max_waiting_requests=max_waiting_requests, on_stats=on_stats, on_finished=on_finished,
+                         on_step=on_step, on_load_failure=on_load_failure)
         self._factory = engine_factory
-        self._on_stats = on_stats or (lambda stats: None)
-        self._on_finished = on_finished or (lambda output: None)
-        self._on_step = on_step or (lambda seconds: None)
-        self._on_load_failure = on_load_failure or (lambda error: None)
-        self.engine = None
-        self.load_error: Optional[BaseException] = None
-        self._cond = threading.Condition()
-        self._inbox = []                 # ("add" | "abort", RequestGroup); bounded by admission below
-        self._inbox_requests = 0         # engine requests in "add" commands not yet taken
-        self._engine_waiting = 0         # the engine's waiting queue after its last step
-        self._ready = False
-        self._draining = False
-        self._stopping = False
+        self._inbox = []                 # ("add" | "abort", RequestGroup); bounded by admission (_queued)
         self._tracked = {}               # engine request id -> (RequestGroup, choice index)
-        self._stats = {}
         self._thread = threading.Thread(target=self._run, name="xverse-engine", daemon=True)
 
     # ---- called from the HTTP side ---------------------------------------------------------------------
     def start(self):
         self._thread.start()
 
-    @property
-    def ready(self) -> bool:
-        return self._ready and not self._draining and not self._stopping
-
-    def state(self) -> str:
-        if self.load_error is not None:
-            return "failed"
-        if self._draining or self._stopping:
-            return "shutting down"
-        return "ready" if self._ready else "loading"
-
-    def stats(self) -> dict:
-        """The engine's stats after its last step (running, waiting, kv blocks, ...)."""
-        return dict(self._stats)
-
-    def wait_ready(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._ready or self.load_error is not None, timeout)
-
     def submit(self, group: RequestGroup):
         """Queues a group; raises NotReady or ServerBusy instead of letting the queue grow."""
         with self._cond:
-            if not self.ready:
-                raise NotReady(f"the server is {self.state()}")
-            queued = self._inbox_requests + self._engine_waiting
-            if queued + len(group) > self.max_waiting_requests:
-                raise ServerBusy(f"the server is busy: {queued} requests are waiting (at most "
-                                 f"{self.max_waiting_requests}); retry later")
+            self._admit(group)
             self._inbox.append(("add", group))
-            self._inbox_requests += len(group)
             self._cond.notify()
 
     def abort(self, group: RequestGroup):
@@ -87,11 +49,6 @@ class EngineLoop:
                 return
             self._inbox.append(("abort", group))
             self._cond.notify()
-
-    def begin_drain(self):
-        """Refuse new requests; the ones in flight go on."""
-        with self._cond:
-            self._draining = True
 
     def shutdown(self, timeout: float = 10.0):
         """Aborts whatever still runs and stops the thread."""
@@ -129,8 +86,8 @@ class EngineLoop:
         with self._cond:
             self._cond.wait_for(lambda: self._inbox or self._stopping or engine.has_unfinished())
             commands, self._inbox = self._inbox, []
-            self._engine_waiting += self._inbox_requests   # they wait in the engine now
-            self._inbox_requests = 0
+            self._engine_waiting += self._queued   # they wait in the engine now
+            self._queued = 0
             stopping = self._stopping
         try:
             for kind, group in commands:

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 from ..engine.detokenizer import OutputText
 from .engine_core import run_engine_core
-from .mailbox import Delta, NotReady, RequestGroup, ServerBusy
+from .engine_state import EngineState
+from .mailbox import Delta, RequestGroup
 
 logger = logging.getLogger("xverse_engine.serve")
 
@@ -56,32 +57,20 @@ def load_engine_info(ready: dict, tokenizer_path: Optional[str]) -> EngineInfo:
                       ready["generation_config"])
 
 
-class EngineProcess:
+class EngineProcess(EngineState):
     """Owns the engine core process. `options` are build_engine's (a plain dict: "model", "tokenizer_path" and
     Engine keyword arguments). The callbacks are EngineLoop's; here they run on the asyncio loop."""
 
     def __init__(self, options: dict, *, max_waiting_requests: int = 512, on_stats: Callable = None,
                  on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
-        if max_waiting_requests < 1:
-            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
-        self.max_waiting_requests = max_waiting_requests
+        super().__init__(max_waiting_requests=max_waiting_requests, on_stats=on_stats, on_finished=on_finished,
+                         on_step=on_step, on_load_failure=on_load_failure)
         self._options = dict(options)
-        self._on_stats = on_stats or (lambda stats: None)
-        self._on_finished = on_finished or (lambda output: None)
-        self._on_step = on_step or (lambda seconds: None)
-        self._on_load_failure = on_load_failure or (lambda error: None)
         self.engine: Optional[EngineInfo] = None
-        self.load_error: Optional[BaseException] = None
-        self.failure: Optional[str] = None   # why the core died after it had loaded
-        self._cond = threading.Condition()   # guards the state below and the outbox
-        self._ready = self._draining = self._stopping = False
-        self._outbox = []                    # commands for the sender thread; bounded by admission
-        self._in_transit = 0                 # requests sent in "add" commands the core has not taken yet
-        self._engine_waiting = 0             # the engine's waiting queue after its last step
+        self._outbox = []                    # commands for the sender thread (under _cond); bounded by admission
         self._targets = {}                   # request id -> (RequestGroup, choice index, OutputText or None when
                                              # the core decodes); event loop only
         self._next_id = 0
-        self._stats = {}
         self._loop = self._process = self._conn = None
         self._closed = threading.Event()     # the connection is closed and every request answered
         self._sender = threading.Thread(target=self._send_loop, name="xverse-engine-sender", daemon=True)
@@ -109,35 +98,10 @@ class EngineProcess:
     def pid(self) -> Optional[int]:
         return self._process.pid if self._process is not None else None
 
-    @property
-    def ready(self) -> bool:
-        return self._ready and self.failure is None and not self._draining and not self._stopping
-
-    def state(self) -> str:
-        if self.load_error is not None or self.failure is not None:
-            return "failed"
-        if self._draining or self._stopping:
-            return "shutting down"
-        return "ready" if self._ready else "loading"
-
-    def stats(self) -> dict:
-        """The engine's stats after its last step (running, waiting, kv blocks, ...)."""
-        return dict(self._stats)
-
-    def wait_ready(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._ready or self.load_error is not None, timeout)
-
     def submit(self, group: RequestGroup):
         """Queues a group (on the event loop); raises NotReady or ServerBusy instead of letting the queue grow."""
         with self._cond:
-            if not self.ready:
-                raise NotReady(f"the server is {self.state()}")
-            queued = self._in_transit + self._engine_waiting
-            if queued + len(group) > self.max_waiting_requests:
-                raise ServerBusy(f"the server is busy: {queued} requests are waiting (at most "
-                                 f"{self.max_waiting_requests}); retry later")
-            self._in_transit += len(group)
+            self._admit(group)
             requests = []
             for index, (prompt_token_ids, params) in enumerate(group.inputs):
                 request_id, self._next_id = self._next_id, self._next_id + 1
@@ -160,11 +124,6 @@ class EngineProcess:
             if live:
                 self._outbox.append(("abort", live))
                 self._cond.notify_all()
-
-    def begin_drain(self):
-        """Refuse new requests; the ones in flight go on."""
-        with self._cond:
-            self._draining = True
 
     def shutdown(self, timeout: float = 10.0):
         """Aborts whatever still runs and stops the core (called off the event loop, which delivers the aborts)."""
@@ -246,7 +205,7 @@ class EngineProcess:
                 if metrics is not None:
                     self._on_finished(delta)
         with self._cond:
-            self._in_transit -= accepted
+            self._queued -= accepted
             self._engine_waiting = stats["waiting"]
         self._stats = stats
         if seconds is not None:
