@@ -78,7 +78,7 @@ class StubCompute:
         model.compute_logits = lambda hidden: self.logits[:hidden.shape[0]]
 
 
-def spin_cycles_for(milliseconds: float, device) -> int:
+def spin_cycles_for(milliseconds: float) -> int:
     """How many cycles of torch.cuda._sleep keep the GPU busy for `milliseconds` (measured: clocks vary)."""
     probe = 10_000_000
     torch.cuda._sleep(probe)   # warm up
@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
         path = stub_checkpoint(directory, args.vocab)
         rows = [measure(path, b, s, args) for b in args.batch_sizes for s in args.sampling]
         if args.simulate_gpu_ms:
-            cycles = spin_cycles_for(args.simulate_gpu_ms, args.device)
+            cycles = spin_cycles_for(args.simulate_gpu_ms)
             for row in rows:
                 busy = measure(path, row["batch"], row["sampling"], args, spin_cycles=cycles)
                 row["simulated_gpu_ms"] = args.simulate_gpu_ms

@@ -172,8 +172,9 @@ json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 
 def headline(name, r):
     if r.get("benchmark") == "host_overhead":
-        return "; ".join(f"B={x['batch']} {x['sampling']}: host {x['cpu_ms']:.2f} ms, "
-                         f"{100 * x.get('host_hidden_fraction', 0):.0f}% hidden" for x in r["results"])
+        return "; ".join(f"B={x['batch']} {x['sampling']}: host {x['cpu_ms']:.2f} ms"
+                         + (f", {100 * x['host_hidden_fraction']:.0f}% hidden" if "host_hidden_fraction" in x else "")
+                         for x in r["results"])
     if "results" not in r or not isinstance(r["results"], dict):
         return ", ".join(k for k in r if k not in ("machine",))[:90]
     res, roof = r["results"], r.get("roofline", {})

@@ -19,9 +19,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-# the noise and the top-k / top-p rule live with the fused draw op (ops/sampling.py); re-exported here
-from ..ops.sampling import MASK32, _fmix32, gumbel_noise_at, row_keys  # noqa: F401
-from ..ops.sampling import draw_top_k_top_p, removed_ranks as _removed_ranks
+# the noise and the top-k / top-p rule live with the fused draw op (ops/sampling.py)
+from ..ops.sampling import draw_top_k_top_p, gumbel_noise_at, removed_ranks as _removed_ranks, row_keys
 
 
 @dataclass
