@@ -300,14 +300,14 @@ class Engine:
         cannot. The delta that says finished carries the metrics, and the request is forgotten then.
         text=False: the caller decodes the tokens itself (delta.text is ""; a request without stop strings is
         then never decoded here), as the server does on its HTTP side to leave the engine's core the steps."""
-        if request_id not in self._requests:
+        entry = self._requests.get(request_id)   # one lookup: a server calls this per request per step
+        if entry is None:
             raise KeyError(f"no request {request_id} (unknown, or already finished and taken)")
-        seq, output_text, _ = self._requests[request_id]
+        seq, output_text, _ = entry
         taken = self._num_taken.get(request_id, 0)
-        start = seq.num_prompt_tokens + taken
-        token_ids = seq.token_ids[start:]
+        token_ids = seq.token_ids[len(seq.prompt_token_ids) + taken:]
         logprobs = seq.logprobs[taken:] if seq.params.logprobs is not None else []
-        finished = seq.is_finished
+        finished = seq.status is SequenceStatus.FINISHED
         delta = RequestDelta(request_id, output_text.take_delta(final=finished) if text else "", token_ids, logprobs,
                              finished, seq.finish_reason, seq.error, self._metrics_of(seq) if finished else None)
         if finished:

@@ -266,11 +266,17 @@ class OpenAIServer:
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
                 events.append(chunks.chunk({"index": index, "text": delta.text, "logprobs": logprobs,
                                             "finish_reason": finish_reason_of(delta)}))
+            if group.finished:
+                events += self.stream_end(req, prompts_ids, completion_tokens, meta)
             if events:
                 yield "".join(events)
-        if req.include_usage:
-            yield sse({**meta, "choices": [], "usage": self.usage(prompts_ids, completion_tokens)})
-        yield "data: [DONE]\n\n"
+
+    def stream_end(self, req, prompts_ids: list, completion_tokens: int, meta: dict) -> list:
+        """The events after the last chunk: the usage chunk (when asked for) and [DONE]. They leave in the same
+        write as the last chunk: each write to a socket is a system call and a wake-up of the client."""
+        usage = [sse({**meta, "choices": [], "usage": self.usage(prompts_ids, completion_tokens)})] \
+            if req.include_usage else []
+        return usage + ["data: [DONE]\n\n"]
 
     def completion_logprobs(self, engine, delta: Delta, offset: int) -> dict:
         tokens, token_logprobs, top, text_offset = [], [], [], []
@@ -322,11 +328,10 @@ class OpenAIServer:
                 events.append(chunks.chunk({"index": index, "delta": {"content": delta.text} if delta.text else {},
                                             "logprobs": self.chat_logprobs(engine, delta) if req.logprobs else None,
                                             "finish_reason": finish_reason_of(delta)}))
+            if group.finished:
+                events += self.stream_end(req, prompts_ids, completion_tokens, meta)
             if events:
                 yield "".join(events)
-        if req.include_usage:
-            yield sse({**meta, "choices": [], "usage": self.usage(prompts_ids, completion_tokens)})
-        yield "data: [DONE]\n\n"
 
     def chat_logprobs(self, engine, delta: Delta) -> dict:
         def item(token_id, logprob):

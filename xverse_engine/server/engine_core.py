@@ -2,7 +2,7 @@
 default; EngineProcess is the API side). The HTTP work then runs on another core in parallel instead of sharing
 the engine's GIL.
 
-Protocol over one multiprocessing Connection (pickled tuples; request ids are the API side's own):
+Protocol over two one-way pipes (channel.py; pickled tuples; request ids are the API side's own):
   API -> core   a list of commands: ("add", [(request_id, prompt_token_ids, SamplingParams, decode), ...]),
                 ("abort", [request_id, ...]), ("stop",); decode: the core hands out text too (a request with
                 stop strings, which the engine decodes anyway); otherwise the API side decodes the token ids, so
@@ -13,13 +13,16 @@ Protocol over one multiprocessing Connection (pickled tuples; request ids are th
                 error, metrics)] (text "" where the API side decodes), accepted = requests added this turn,
                 step_seconds = None when no step ran.
 
-The core blocks on the connection while it has nothing to run, takes every pending command before each step,
-and exits when told to stop or when the connection closes (the API process is gone), so it never outlives it.
+The core blocks on the command pipe while it has nothing to run, takes every pending command before each step,
+and exits when told to stop or when that pipe closes (the API process is gone), so it never outlives it.
 """
 import logging
 import os
 import signal
 import time
+
+from .channel import Channel
+from .engine_state import freeze_startup_objects
 
 logger = logging.getLogger("xverse_engine.serve")
 
@@ -42,23 +45,26 @@ def build_engine(options: dict):
     return engine
 
 
-def run_engine_core(conn, options: dict, log_level: int = logging.INFO):
-    """Entry point of the spawned process: load, say ready (or why not), then serve commands until stopped."""
+def run_engine_core(commands_conn, steps_conn, options: dict, log_level: int = logging.INFO):
+    """Entry point of the spawned process: load, say ready (or why not), then serve commands until stopped.
+    commands_conn / steps_conn: the reading end of the API's command pipe, the writing end of the step pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the API side drives shutdown
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    commands, steps = Channel(commands_conn), Channel(steps_conn)
     try:
         engine = build_engine(options)
     except BaseException as error:  # noqa: BLE001 (reported to the API side, which stops the server)
         logger.error("the engine failed to load: %s", error)
         try:
-            conn.send(("load_failed", str(error) or type(error).__name__))
+            steps.send(("load_failed", str(error) or type(error).__name__))
         except OSError:
             pass
         return
+    freeze_startup_objects()
     try:
-        conn.send(("ready", {"model_path": engine.model_path, "max_model_len": engine.max_model_len,
-                             "generation_config": engine.generation_config, "stats": engine.stats()}))
-        EngineCore(engine, conn).run()
+        steps.send(("ready", {"model_path": engine.model_path, "max_model_len": engine.max_model_len,
+                              "generation_config": engine.generation_config, "stats": engine.stats()}))
+        EngineCore(engine, commands, steps).run()
     except (EOFError, OSError):
         pass   # the API process is gone: nobody is left to serve
     finally:
@@ -68,19 +74,19 @@ def run_engine_core(conn, options: dict, log_level: int = logging.INFO):
 class EngineCore:
     """The loop of the core process: commands in, one step, one message out."""
 
-    def __init__(self, engine, conn):
-        self.engine, self.conn = engine, conn
+    def __init__(self, engine, commands: Channel, steps: Channel):
+        self.engine, self.commands, self.steps = engine, commands, steps
         self.engine_ids = {}   # API request id -> engine request id
         self.api_ids = {}      # engine request id -> (API request id, whether the core decodes its text)
 
     def run(self):
-        engine, conn = self.engine, self.conn
+        engine, commands, steps = self.engine, self.commands, self.steps
         while True:
             if not engine.has_unfinished():
-                conn.poll(None)      # idle: sleep until a command comes (or the connection closes)
+                commands.wait()      # idle: sleep until a command comes (or the API side closes its end)
             deltas, accepted, stop = [], 0, False
-            while not stop and conn.poll():
-                for command in conn.recv():
+            while not stop and commands.ready():
+                for command in commands.recv():
                     if command[0] == "add":
                         accepted += self.add(command[1], deltas)
                     elif command[0] == "abort":
@@ -89,7 +95,7 @@ class EngineCore:
                         stop = True
             if stop:
                 self.abort(list(self.engine_ids), deltas)
-                conn.send(("step", deltas, accepted, engine.stats(), None))
+                steps.send(("step", deltas, accepted, engine.stats(), None))
                 return
             seconds = None
             if engine.has_unfinished():
@@ -102,7 +108,7 @@ class EngineCore:
                     logger.exception("the engine failed; failing the requests in flight")
                     self.fail_all(f"the engine failed: {error}", deltas)
             if deltas or accepted or seconds is not None:
-                conn.send(("step", deltas, accepted, engine.stats(), seconds))
+                steps.send(("step", deltas, accepted, engine.stats(), seconds))
 
     def add(self, requests: list, deltas: list) -> int:
         for api_id, prompt_token_ids, params, decode in requests:

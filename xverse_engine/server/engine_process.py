@@ -1,8 +1,9 @@
 """The API side of an engine in its own process (engine_core.py is the other side): the same interface as
 EngineLoop, so the app does not care which one it has.
 
-The engine core is a spawned child (CUDA needs spawn) joined by one multiprocessing Pipe. Its per-step messages
-are read on the asyncio loop itself (loop.add_reader on the pipe): the deltas go into the RequestGroup mailboxes
+The engine core is a spawned child (CUDA needs spawn) joined by two one-way pipes (channel.py): commands go out
+on one, the core's messages come back on the other. Its per-step messages are read on the asyncio loop itself
+(loop.add_reader on the pipe): the deltas go into the RequestGroup mailboxes
 and wake the handlers directly, with no thread and no lock contention on this side. The text of a request
 without stop strings is decoded here from its token ids (the same OutputText the engine uses), so the core's
 time goes to the steps. Commands (add, abort, stop) go out through one small sender thread, so the event loop
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..engine.detokenizer import OutputText
+from .channel import channel_pair
 from .engine_core import run_engine_core
 from .engine_state import EngineState
 from .mailbox import Delta, RequestGroup
@@ -71,8 +73,8 @@ class EngineProcess(EngineState):
         self._targets = {}                   # request id -> (RequestGroup, choice index, OutputText or None when
                                              # the core decodes); event loop only
         self._next_id = 0
-        self._loop = self._process = self._conn = None
-        self._closed = threading.Event()     # the connection is closed and every request answered
+        self._loop = self._process = self._commands = self._steps = None
+        self._closed = threading.Event()     # the core's pipe is closed and every request answered
         self._sender = threading.Thread(target=self._send_loop, name="xverse-engine-sender", daemon=True)
 
     # ---- called from the HTTP side ---------------------------------------------------------------------
@@ -83,15 +85,18 @@ class EngineProcess(EngineState):
         except RuntimeError:
             raise RuntimeError("EngineProcess.start() must run on the asyncio loop of the HTTP handlers") from None
         context = multiprocessing.get_context("spawn")
-        self._conn, child_end = context.Pipe()
+        core_commands, self._commands = channel_pair(context)
+        self._steps, core_steps = channel_pair(context)
         # not a daemon: a daemon may not have children, and tensor-parallel workers are the core's children
         self._process = context.Process(target=run_engine_core, name="xverse-engine-core",
-                                        args=(child_end, self._options, logging.getLogger().getEffectiveLevel()))
+                                        args=(core_commands.conn, core_steps.conn, self._options,
+                                              logging.getLogger().getEffectiveLevel()))
         self._process.start()
-        child_end.close()   # the core's end lives in the core only, so its exit reads as end-of-file here
+        core_commands.close()   # the core's ends live in the core only, so its exit reads as end-of-file here
+        core_steps.close()
         logger.info("the engine runs in process %d", self._process.pid)
         atexit.register(self._close_at_exit)   # runs before multiprocessing's exit handler joins the core
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._loop.add_reader(self._steps.fileno(), self._on_readable)
         self._sender.start()
 
     @property
@@ -146,36 +151,39 @@ class EngineProcess(EngineState):
         except RuntimeError:
             on_loop = False
         if not on_loop and self._loop.is_running():
-            self._closed.wait(timeout)   # the loop has read the core's last message and closed the connection
+            self._closed.wait(timeout)   # the loop has read the core's last message and closed its pipe
         atexit.unregister(self._close_at_exit)
 
     # ---- the sender thread -------------------------------------------------------------------------------
     def _send_loop(self):
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._outbox or self._closed.is_set())
-                commands, self._outbox = self._outbox, []
-            if self._closed.is_set():
-                return
-            try:
-                self._conn.send(commands)
-            except (OSError, ValueError):   # the core is gone; the reader reports it
-                return
-            if commands[-1][0] == "stop":
-                return
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._outbox or self._closed.is_set())
+                    commands, self._outbox = self._outbox, []
+                if self._closed.is_set():
+                    return
+                try:
+                    self._commands.send(commands)
+                except (OSError, ValueError):   # the core is gone; the reader reports it
+                    return
+                if commands[-1][0] == "stop":
+                    return
+        finally:
+            self._commands.close()   # nothing more goes to the core (idempotent)
 
     def _close_at_exit(self):
         """An interpreter exit without shutdown(): closing our end makes the core exit, so nothing waits on it."""
-        if self._conn is not None and not self._closed.is_set():
-            self._conn.close()
+        if self._commands is not None and not self._closed.is_set():
+            self._commands.close()
 
     # ---- the event loop's reader ---------------------------------------------------------------------------
     def _on_readable(self):
         """Every message the core has sent so far; each handler is woken once for all of them."""
         to_wake = set()
         try:
-            while self._conn.poll():
-                message = self._conn.recv()
+            while self._steps.ready():
+                message = self._steps.recv()
                 if message[0] == "step":
                     self._deliver(message, to_wake)
                 elif message[0] == "ready":
@@ -233,9 +241,9 @@ class EngineProcess(EngineState):
         self._on_load_failure(error)
 
     def _on_core_exit(self, to_wake: set):
-        """The connection closed: the core stopped (shutdown) or died. Every request still open gets its end."""
-        self._loop.remove_reader(self._conn.fileno())
-        self._conn.close()
+        """The core's pipe closed: it stopped (shutdown) or died. Every request still open gets its end."""
+        self._loop.remove_reader(self._steps.fileno())
+        self._steps.close()
         if not self._stopping:
             self._process.join(5)   # it is exiting: its exit code says how
             why = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"

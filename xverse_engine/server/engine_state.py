@@ -3,10 +3,20 @@ whether it is loading, ready, shutting down or failed, its stats after its last 
 admission. Admission keeps every queue bounded: requests handed to the engine but not yet taken by it, plus the
 engine's own waiting queue, stay within max_waiting_requests; beyond that a call is refused (ServerBusy -> 503).
 """
+import gc
 import threading
 from typing import Callable, Optional
 
 from .mailbox import NotReady, RequestGroup, ServerBusy
+
+
+def freeze_startup_objects():
+    """Called once a process has loaded what it keeps for its lifetime (the model, the app, the tokenizer): those
+    objects move out of the garbage collector's reach, so no full collection rescans them. With the embedded model
+    they are ~200k objects and a full collection over them pauses the process ~80 ms (2-core VM), mid-step or
+    mid-stream; after this it takes microseconds."""
+    gc.collect()
+    gc.freeze()
 
 
 class EngineState:
