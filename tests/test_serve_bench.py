@@ -16,11 +16,12 @@ def test_serve_bench_json_and_plot(tmp_path):
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     payload = serve_bench.main(["--device", "cpu", "--num-prompts", "3", "--input-len", "5", "--output-len", "4",
                                 "--concurrency", "1", "--request-rate", "50,inf", "--repeats", "2", "--torch-threads", "1",
-                                "--json", str(out), "--plot", str(png)])
+                                "--max-num-seqs", "2", "--json", str(out), "--plot", str(png)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(payload))
     assert png.stat().st_size > 10_000
     offline, saturation = saved["offline"], saved["saturation"]
+    assert saved["workload"]["saturates"]   # 3 requests, 2 at a time: one always waits
     assert (offline["requests"], offline["output_tokens"]) == (3, 3 * 4)
     assert [lv["load"] for lv in saved["levels"]] == ["c=1", "50 req/s", "inf req/s"]
     for level in [saturation] + saved["levels"]:
@@ -41,3 +42,8 @@ def test_serve_bench_json_and_plot(tmp_path):
     assert saturation["all_outputs_equal_offline"] == [3, 3]
     pairs = saturation["all_fraction_of_paired_offline"]
     assert len(pairs) == 2 and saved["saturation_fraction_median_of_pairs"] == pytest.approx(sum(pairs) / 2)
+
+
+def test_quartiles_of_pair_ratios():
+    assert serve_bench.quartiles([0.9, 1.0, 0.8, 1.1, 0.95]) == pytest.approx((0.9, 1.0))
+    assert serve_bench.quartiles([0.97]) == (0.97, 0.97)
