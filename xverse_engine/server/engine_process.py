@@ -3,13 +3,13 @@ EngineLoop, so the app does not care which one it has.
 
 The engine core is a spawned child (CUDA needs spawn) joined by two one-way pipes (channel.py): commands go out
 on one, the core's messages come back on the other. Its per-step messages are read on the asyncio loop itself
-(loop.add_reader on the pipe): the deltas go into the RequestGroup mailboxes
-and wake the handlers directly, with no thread and no lock contention on this side. The text of a request
-without stop strings is decoded here from its token ids (the same OutputText the engine uses), so the core's
-time goes to the steps. Commands (add, abort, stop) go out through one small sender thread, so the event loop
-never blocks on a full pipe (and the two processes can never both wait on each other's full buffer). Admission
-is bounded as with EngineLoop: requests sent but not yet taken by the core, plus the engine's waiting queue,
-stay within max_waiting_requests (ServerBusy -> 503).
+(loop.add_reader on the pipe): the deltas go into the RequestGroup mailboxes and wake the handlers directly, with
+no thread and no lock contention on this side. The text of a request without stop strings is decoded here from
+its token ids (the same OutputText the engine uses), so the core's time goes to the steps. Commands (add, abort,
+stop) go out through one small sender thread, so the event loop never blocks on a full pipe (and the two
+processes can never both wait on each other's full buffer). Admission is bounded as with EngineLoop: requests
+sent but not yet taken by the core, plus the engine's waiting queue, stay within max_waiting_requests
+(ServerBusy -> 503).
 
 If the core dies, the requests in flight end with an error and the server reports "failed" (503); a core that
 fails to load reports its own message through on_load_failure.
