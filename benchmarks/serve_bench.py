@@ -390,7 +390,9 @@ def plot(payload: dict, path: str):
     w, m = payload["workload"], payload["machine"]
     fig.suptitle(f"xverse_engine.serve on {m.get('gpu') or m.get('cpu')} ({m.get('cpu_count')} CPUs): "
                  f"{w['num_prompts']} requests/level, {w['input_len']} in / {w['output_len']} out tokens; "
-                 f"saturation = {100 * payload['saturation_fraction_of_offline']:.1f}% of offline throughput",
+                 f"saturation: {100 * payload['saturation_fraction_median_of_pairs']:.1f}% of offline throughput "
+                 f"(median over {len(payload['saturation']['all_fraction_of_paired_offline'])} pairs of runs; best "
+                 f"over best {100 * payload['saturation_fraction_of_offline']:.1f}%)",
                  fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
