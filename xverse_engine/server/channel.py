@@ -28,7 +28,8 @@ class Channel:
         return pickle.loads(self.conn.recv_bytes())
 
     def ready(self) -> bool:
-        """Whether recv() would return at once: a message is waiting, or the other end closed (recv raises)."""
+        """Whether a message has begun to arrive (recv() then waits at most for its rest) or the other end has
+        closed (recv() raises EOFError): either way recv() does not sleep on an idle pipe."""
         if self._readable is None:
             self._readable = select.poll()
             self._readable.register(self.conn.fileno(), select.POLLIN)
