@@ -154,3 +154,25 @@ def test_tensor_parallel_server_answers_like_offline_and_leaves_no_worker():
             time.sleep(0.2)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("freeze_gc", [False, True])
+def test_only_a_process_of_the_servers_own_freezes_its_garbage_collector(freeze_gc):
+    """`python -m xverse_engine.serve` passes freeze_gc=True: once the engine is ready, what start-up made leaves
+    the collector's reach (no ~80 ms full collection mid-stream). An EngineLoop embedded in somebody else's
+    program (the default) leaves that program's collector alone: freezing is process-wide."""
+    import gc
+
+    from xverse_engine import Engine
+    from xverse_engine.server import EngineLoop
+
+    gc.unfreeze()
+    engine = Engine(TINY, device="cpu", kernels="cpu", num_kv_blocks=32, max_model_len=64, show_progress=False)
+    loop = EngineLoop(lambda: engine, freeze_gc=freeze_gc)
+    try:
+        loop.start()
+        assert loop.wait_ready(60)
+        assert (gc.get_freeze_count() > 0) == freeze_gc
+    finally:
+        loop.shutdown()
+        gc.unfreeze()   # the rest of the test session collects as before

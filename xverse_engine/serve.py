@@ -133,13 +133,13 @@ def run(args) -> int:
             server.should_exit = True
 
     options = engine_options(args, model_path)
-    callbacks = dict(max_waiting_requests=args.max_waiting_requests, on_stats=metrics.observe_stats,
-                     on_finished=metrics.observe_finished, on_step=metrics.observe_step,
-                     on_load_failure=stop_on_load_failure)
+    loop_options = dict(max_waiting_requests=args.max_waiting_requests, on_stats=metrics.observe_stats,
+                        on_finished=metrics.observe_finished, on_step=metrics.observe_step,
+                        on_load_failure=stop_on_load_failure, freeze_gc=True)   # this process is the server's own
     if args.engine_in_thread:
-        loop = EngineLoop(functools.partial(build_engine, options), **callbacks)
+        loop = EngineLoop(functools.partial(build_engine, options), **loop_options)
     else:
-        loop = EngineProcess(options, **callbacks)
+        loop = EngineProcess(options, **loop_options)
     app = create_app(loop, metrics, name, api_key=args.api_key, stream_interval=args.stream_interval)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5)

@@ -23,9 +23,10 @@ class EngineLoop(EngineState):
     the metrics; `on_load_failure(error)` lets the server stop."""
 
     def __init__(self, engine_factory: Callable, *, max_waiting_requests: int = 512, on_stats: Callable = None,
-                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
+                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None,
+                 freeze_gc: bool = False):
         super().__init__(max_waiting_requests=max_waiting_requests, on_stats=on_stats, on_finished=on_finished,
-                         on_step=on_step, on_load_failure=on_load_failure)
+                         on_step=on_step, on_load_failure=on_load_failure, freeze_gc=freeze_gc)
         self._factory = engine_factory
         self._inbox = []                 # ("add" | "abort", RequestGroup); bounded by admission (_queued)
         self._tracked = {}               # engine request id -> (RequestGroup, choice index)
@@ -71,7 +72,8 @@ class EngineLoop(EngineState):
             return
         self.engine = engine
         self._publish_stats()
-        freeze_startup_objects()
+        if self.freeze_gc:
+            freeze_startup_objects()
         with self._cond:
             self._ready = True
             self._cond.notify_all()

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from ..engine.detokenizer import OutputText
 from .channel import channel_pair
 from .engine_core import run_engine_core
-from .engine_state import EngineState
+from .engine_state import EngineState, freeze_startup_objects
 from .mailbox import Delta, RequestGroup
 
 logger = logging.getLogger("xverse_engine.serve")
@@ -64,9 +64,10 @@ class EngineProcess(EngineState):
     Engine keyword arguments). The callbacks are EngineLoop's; here they run on the asyncio loop."""
 
     def __init__(self, options: dict, *, max_waiting_requests: int = 512, on_stats: Callable = None,
-                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None):
+                 on_finished: Callable = None, on_step: Callable = None, on_load_failure: Callable = None,
+                 freeze_gc: bool = False):
         super().__init__(max_waiting_requests=max_waiting_requests, on_stats=on_stats, on_finished=on_finished,
-                         on_step=on_step, on_load_failure=on_load_failure)
+                         on_step=on_step, on_load_failure=on_load_failure, freeze_gc=freeze_gc)
         self._options = dict(options)
         self.engine: Optional[EngineInfo] = None
         self._outbox = []                    # commands for the sender thread (under _cond); bounded by admission
@@ -229,6 +230,8 @@ class EngineProcess(EngineState):
         self.engine = info
         self._stats = ready["stats"]
         self._on_stats(self._stats)
+        if self.freeze_gc:
+            freeze_startup_objects()   # the core freezes its own (engine_core.py)
         with self._cond:
             self._ready = True
             self._cond.notify_all()

@@ -11,10 +11,11 @@ from .mailbox import NotReady, RequestGroup, ServerBusy
 
 
 def freeze_startup_objects():
-    """Called once a process has loaded what it keeps for its lifetime (the model, the app, the tokenizer): those
-    objects move out of the garbage collector's reach, so no full collection rescans them. With the embedded model
-    they are ~200k objects and a full collection over them pauses the process ~80 ms (2-core VM), mid-step or
-    mid-stream; after this it takes microseconds."""
+    """Called once a process of the server's own has loaded what it keeps for its lifetime (the model, the app, the
+    tokenizer): those objects move out of the garbage collector's reach, so no full collection rescans them. With
+    the embedded model they are ~200k objects and a full collection over them pauses the process ~80 ms (2-core
+    VM), mid-step or mid-stream; after this it takes microseconds. Process-wide, so never done to a process that
+    merely embeds the server (freeze_gc=False, the default of EngineLoop and EngineProcess)."""
     gc.collect()
     gc.freeze()
 
@@ -22,13 +23,16 @@ def freeze_startup_objects():
 class EngineState:
     """The state shared by both ways of running the engine; `_cond` guards it. Subclasses set `_ready` once the
     engine has loaded, `load_error` when it could not, `failure` when it died afterwards, keep `_queued` (handed
-    over, not yet taken) and `_engine_waiting` (the engine's waiting queue) up to date, and start / stop it."""
+    over, not yet taken) and `_engine_waiting` (the engine's waiting queue) up to date, and start / stop it.
+    freeze_gc: the process is the server's own (`python -m xverse_engine.serve`): once the engine is ready, its
+    start-up objects are frozen out of the garbage collector (freeze_startup_objects)."""
 
     def __init__(self, *, max_waiting_requests: int = 512, on_stats: Callable = None, on_finished: Callable = None,
-                 on_step: Callable = None, on_load_failure: Callable = None):
+                 on_step: Callable = None, on_load_failure: Callable = None, freeze_gc: bool = False):
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         self.max_waiting_requests = max_waiting_requests
+        self.freeze_gc = freeze_gc
         self._on_stats = on_stats or (lambda stats: None)
         self._on_finished = on_finished or (lambda output: None)
         self._on_step = on_step or (lambda seconds: None)
