@@ -305,9 +305,9 @@ class Engine:
             raise KeyError(f"no request {request_id} (unknown, or already finished and taken)")
         seq, output_text, _ = entry
         taken = self._num_taken.get(request_id, 0)
-        token_ids = seq.token_ids[len(seq.prompt_token_ids) + taken:]
+        token_ids = seq.token_ids[seq.num_prompt_tokens + taken:]
         logprobs = seq.logprobs[taken:] if seq.params.logprobs is not None else []
-        finished = seq.status is SequenceStatus.FINISHED
+        finished = seq.is_finished
         delta = RequestDelta(request_id, output_text.take_delta(final=finished) if text else "", token_ids, logprobs,
                              finished, seq.finish_reason, seq.error, self._metrics_of(seq) if finished else None)
         if finished:

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from ..engine.engine import RequestError
-from .engine_state import EngineState, freeze_startup_objects
+from .engine_state import EngineState
 from .mailbox import Delta, NotReady, RequestGroup, ServerBusy, delta_of  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("xverse_engine.serve")
@@ -72,11 +72,7 @@ class EngineLoop(EngineState):
             return
         self.engine = engine
         self._publish_stats()
-        if self.freeze_gc:
-            freeze_startup_objects()
-        with self._cond:
-            self._ready = True
-            self._cond.notify_all()
+        self._become_ready()
         try:
             while self._iterate(engine):
                 pass

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from ..engine.detokenizer import OutputText
 from .channel import channel_pair
 from .engine_core import run_engine_core
-from .engine_state import EngineState, freeze_startup_objects
+from .engine_state import EngineState
 from .mailbox import Delta, RequestGroup
 
 logger = logging.getLogger("xverse_engine.serve")
@@ -230,11 +230,7 @@ class EngineProcess(EngineState):
         self.engine = info
         self._stats = ready["stats"]
         self._on_stats(self._stats)
-        if self.freeze_gc:
-            freeze_startup_objects()   # the core freezes its own (engine_core.py)
-        with self._cond:
-            self._ready = True
-            self._cond.notify_all()
+        self._become_ready()   # the core freezes its own objects (engine_core.py)
 
     def _fail_to_load(self, error: BaseException):
         logger.error("the engine failed to load: %s", error)

@@ -21,9 +21,9 @@ def freeze_startup_objects():
 
 
 class EngineState:
-    """The state shared by both ways of running the engine; `_cond` guards it. Subclasses set `_ready` once the
-    engine has loaded, `load_error` when it could not, `failure` when it died afterwards, keep `_queued` (handed
-    over, not yet taken) and `_engine_waiting` (the engine's waiting queue) up to date, and start / stop it.
+    """The state shared by both ways of running the engine; `_cond` guards it. Subclasses call _become_ready() once
+    the engine has loaded, set `load_error` when it could not and `failure` when it died afterwards, keep `_queued`
+    (handed over, not yet taken) and `_engine_waiting` (the engine's waiting queue) up to date, and start / stop it.
     freeze_gc: the process is the server's own (`python -m xverse_engine.serve`): once the engine is ready, its
     start-up objects are frozen out of the garbage collector (freeze_startup_objects)."""
 
@@ -69,6 +69,14 @@ class EngineState:
         """Refuse new requests; the ones in flight go on."""
         with self._cond:
             self._draining = True
+
+    def _become_ready(self):
+        """The engine has loaded: freeze what start-up made (freeze_gc), then let requests in."""
+        if self.freeze_gc:
+            freeze_startup_objects()
+        with self._cond:
+            self._ready = True
+            self._cond.notify_all()
 
     def _admit(self, group: RequestGroup):
         """Counts a group in, or raises NotReady / ServerBusy instead of letting a queue grow. Call under _cond."""
